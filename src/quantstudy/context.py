@@ -1,0 +1,29 @@
+"""The one object every stage receives: config, study directory, store, device, console."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from quantstudy.config import StudyConfig
+from quantstudy.store import Store
+
+
+@dataclass
+class RunContext:
+    cfg: StudyConfig
+    study_dir: Path  # everything the study writes lives below this folder
+    store: Store
+    data_dir: Path | None  # offline raw data (layout of ../shared/data); None = Hugging Face hub
+    device: str  # "cpu" or "cuda", resolved from cfg.device
+    console: Console
+    debug: bool = False
+
+    @property
+    def work_dir(self) -> Path:
+        """Scratch and cache space inside the study directory."""
+        p = self.study_dir / "cache"
+        p.mkdir(parents=True, exist_ok=True)
+        return p
