@@ -113,6 +113,13 @@ def gguf_to_hf(gguf: Path, out_dir: Path) -> Path:
                                   "qwen3, gemma, phi3, ...) or the original safetensors model") from None
     # The dequantized weights are ordinary float tensors; drop the GGUF marker so that
     # save_pretrained writes them instead of refusing a "quantized" model.
+    # Some GGUF exports (SmolLM2's among them) name <|im_start|> as EOS in the tokenizer
+    # metadata while config/generation_config say <|im_end|>; generation would then stop at
+    # the wrong token. The model config is what the original checkpoint shipped: follow it.
+    eos_id = model.generation_config.eos_token_id
+    eos_id = eos_id[0] if isinstance(eos_id, list) else eos_id
+    if eos_id is not None and tok.eos_token_id != eos_id:
+        tok.eos_token = tok.convert_ids_to_tokens(eos_id)
     model.hf_quantizer = None
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
