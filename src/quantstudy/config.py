@@ -118,7 +118,7 @@ class CalibrationConfig(Strict):
 
 
 class GPTQOptions(Strict):
-    actorder: Literal["static", "group", "weight"] | None = None
+    actorder: Literal["static", "group", "weight"] | None = "static"  # llm-compressor's default
     dampening_frac: float = Field(0.01, gt=0, lt=1)
     block_size: int = Field(128, ge=1)
 

@@ -1,0 +1,169 @@
+"""Quantization stage: GPTQ, AWQ and RTN through llm-compressor, saved as compressed-tensors.
+
+llm-compressor does the work; this module builds its recipe from a `Variant`, checks what
+would fail late (group sizes) before any calibration, captures the per-layer error and
+time llm-compressor reports, and writes the output directory atomically.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from quantstudy.config import Method, Variant
+from quantstudy.errors import QuantStudyError
+
+GROUP_SIZES = (32, 64, 128)
+
+
+def _ignored(name: str, patterns: tuple[str, ...]) -> bool:
+    """llm-compressor's ignore semantics: exact/suffix module name, or `re:<regex>`."""
+    for p in patterns:
+        if p.startswith("re:") and re.match(p[3:], name):
+            return True
+        if name == p or name.endswith("." + p):
+            return True
+    return False
+
+
+def linear_shapes(model_dir: Path, trust_remote_code: bool = False) -> dict[str, int]:
+    """name -> in_features of every nn.Linear, built on the meta device (no weights loaded)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return {n: m.in_features for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def check_group_size(shapes: dict[str, int], v: Variant) -> None:
+    """Raise before calibration if a quantized layer's input width is not a multiple of the group."""
+    if v.group_size is None:
+        return
+    targets = {n: k for n, k in shapes.items() if not _ignored(n, v.ignore)}
+    bad = {n: k for n, k in targets.items() if k % v.group_size}
+    if not bad:
+        return
+    ok = [g for g in GROUP_SIZES if all(k % g == 0 for k in targets.values())] + ["channel"]
+    widths = sorted(set(bad.values()))
+    names = list(bad)
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    raise QuantStudyError(
+        f"variant {v.name}: group_size {v.group_size} does not divide the input width {widths} of "
+        f"{len(bad)} layers ({shown})", field="quantize.group_size", value=v.group_size,
+        fix=f"use group_size {' or '.join(map(str, ok))}, or add those layers to `ignore`")
+
+
+def build_recipe(v: Variant) -> list[Any]:
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    weights = QuantizationArgs(
+        num_bits=v.bits, type="int", symmetric=v.symmetric,
+        strategy="channel" if v.group_size is None else "group", group_size=v.group_size,
+        actorder=v.gptq.actorder if v.method == Method.gptq and v.group_size else None)
+    groups = {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}  # activations stay 16-bit
+    ignore = list(v.ignore)
+    if v.method == Method.gptq:
+        from llmcompressor.modifiers.quantization import GPTQModifier
+
+        # batched_quantization=None: one layer at a time, so each logged error names one layer
+        return [GPTQModifier(config_groups=groups, ignore=ignore, dampening_frac=v.gptq.dampening_frac,
+                             block_size=v.gptq.block_size, actorder=weights.actorder, batched_quantization=None)]
+    if v.method == Method.awq:
+        from llmcompressor.modifiers.awq import AWQModifier
+
+        return [AWQModifier(config_groups=groups, ignore=ignore, duo_scaling=v.awq.duo_scaling, n_grid=v.awq.n_grid)]
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+
+    return [QuantizationModifier(config_groups=groups, ignore=ignore)]
+
+
+@contextlib.contextmanager
+def cpu_awq_pin_memory_fix() -> Iterator[None]:
+    """llm-compressor 0.14 AWQ pins cached activations for faster host->GPU copies; on a
+    machine without an accelerator `Tensor.pin_memory()` raises. Pinning only speeds up
+    transfers, so skipping it on CPU changes no number. Remove when llm-compressor fixes it."""
+    import torch
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    if torch.cuda.is_available():
+        yield
+        return
+    original = IntermediatesCache.pin_memory
+    IntermediatesCache.pin_memory = lambda self, *a, **k: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        IntermediatesCache.pin_memory = original  # type: ignore[method-assign]
+
+
+class LayerReport:
+    """Collects llm-compressor's per-layer log lines (GPTQ: time/error; AWQ: per-mapping errors)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, dict[str, float]] = {}
+        self._current: str | None = None
+
+    def sink(self, message: Any) -> None:
+        r = message.record
+        text = r["message"]
+        if m := re.match(r"Quantizing 1 module\(s\): \['(.+)'\]", text):
+            self._current = m.group(1)
+        elif r["level"].name == "METRIC" and self._current:
+            if m := re.match(r"(time|error) ([0-9.eE+-]+)s?$", text):
+                self.rows.setdefault(self._current, {})[m.group(1)] = float(m.group(2))
+        elif text.startswith("AWQ per-mapping error metrics: "):
+            try:
+                data = ast.literal_eval(text.split(": ", 1)[1])  # a dict of plain numbers and names
+            except (ValueError, SyntaxError):
+                return
+            for row in data.get("metrics", []):
+                self.rows[row["layer_name"]] = {"error": float(row["best_error"]),
+                                                "initial_error": float(row["initial_error"])}
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[None]:
+        from loguru import logger
+
+        handle = logger.add(self.sink, level="DEBUG", format="{message}")
+        try:
+            yield
+        finally:
+            logger.remove(handle)
+
+
+def run_oneshot(model: Any, tokenizer: Any, v: Variant, dataset: Any | None, max_seq_len: int,
+                out_dir: Path) -> tuple[dict[str, dict[str, float]], float]:
+    """Quantize `model` in place with llm-compressor and save it compressed to `out_dir`.
+
+    Returns (per-layer report, seconds spent in oneshot). The save goes to a temp dir that is
+    renamed into place only when complete, so a killed run never leaves a half-written model.
+    """
+    from llmcompressor import oneshot
+
+    report = LayerReport()
+    kwargs: dict[str, Any] = {}
+    if dataset is not None:
+        kwargs = dict(dataset=dataset, num_calibration_samples=len(dataset), max_seq_length=max_seq_len,
+                      shuffle_calibration_samples=False)  # our sampler already fixed the order
+    t0 = time.perf_counter()
+    with report.capture(), (cpu_awq_pin_memory_fix() if v.method == Method.awq else contextlib.nullcontext()):
+        oneshot(model=model, recipe=build_recipe(v), **kwargs)
+    seconds = time.perf_counter() - t0
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, save_compressed=True)
+    tokenizer.save_pretrained(tmp)
+    if not (tmp / "config.json").is_file():
+        raise QuantStudyError(f"llm-compressor wrote no config.json for {v.name}", value=str(tmp),
+                              fix="re-run with --debug and report the log")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return report.rows, seconds
