@@ -136,3 +136,11 @@ def test_paired_bootstrap_is_deterministic() -> None:
     rng = np.random.default_rng(0)
     a, b = rng.random(200), rng.random(200)
     assert stats.paired_bootstrap(a, b) == stats.paired_bootstrap(a, b)
+
+
+def test_bootstrap_ci_of_one_mean_matches_t_interval() -> None:
+    x = np.random.default_rng(5).normal(0.7, 0.2, 3000)
+    lo, hi = stats.bootstrap_ci(x)
+    half = 1.96 * x.std(ddof=1) / math.sqrt(len(x))
+    assert lo == pytest.approx(x.mean() - half, abs=0.15 * half)
+    assert hi == pytest.approx(x.mean() + half, abs=0.15 * half)

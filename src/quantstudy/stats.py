@@ -95,6 +95,22 @@ def mde_unpaired(n: int, p0: float, alpha: float = ALPHA, power: float = POWER) 
     return p0 if angle <= 0 else p0 - math.sin(angle) ** 2
 
 
+def _resampled_sums(cols: np.ndarray, resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """Column sums of `resamples` draws of n rows with replacement from cols (n, c)."""
+    n = len(cols)
+    rows, counts = np.unique(cols, axis=0, return_counts=True)
+    if len(rows) <= 64:
+        # few distinct rows (right/wrong pairs have at most 4): drawing n items with replacement is a
+        # multinomial over the distinct rows, exactly; this makes MMLU-sized bootstraps instant
+        return rng.multinomial(n, counts / n, size=resamples) @ rows
+    sums = []
+    chunk = max(1, 2_000_000 // n)  # resamples per chunk: keeps the (chunk, n, c) gather under ~50 MB
+    for start in range(0, resamples, chunk):
+        idx = rng.integers(0, n, size=(min(chunk, resamples - start), n))
+        sums.append(cols[idx].sum(axis=1))
+    return np.concatenate(sums)
+
+
 @dataclass
 class PairedBootstrap:
     """b vs a on the same items; a is the reference. stat = sum(x) / sum(weights)."""
@@ -122,13 +138,7 @@ def paired_bootstrap(x_a: np.ndarray, x_b: np.ndarray, weights: np.ndarray | Non
         raise ValueError(f"paired bootstrap needs two equal, non-empty samples (got {len(a)} and {len(b)})")
     cols = np.stack([a, b, w], axis=1)  # (n, 3)
     rng = np.random.default_rng(seed)
-    sums = []
-    # resample counts in chunks: each row is how often each item is drawn (multinomial = n draws with replacement)
-    for start in range(0, resamples, 256):
-        k = min(256, resamples - start)
-        counts = rng.multinomial(n, np.full(n, 1.0 / n), size=k)  # (k, n)
-        sums.append(counts @ cols)
-    s = np.concatenate(sums)  # (resamples, 3): sum a, sum b, sum w
+    s = _resampled_sums(cols, resamples, rng)  # (resamples, 3): sum a, sum b, sum w per resample
     stat_a, stat_b = a.sum() / w.sum(), b.sum() / w.sum()
     diff = stat_b - stat_a
     boot_diff = (s[:, 1] - s[:, 0]) / s[:, 2]
@@ -147,3 +157,9 @@ def paired_bootstrap(x_a: np.ndarray, x_b: np.ndarray, weights: np.ndarray | Non
     per_item = (b - a) / w.mean()
     return PairedBootstrap(n, float(stat_a), float(stat_b), float(diff), float(lo), float(hi), p,
                            ratio, ratio_lo, ratio_hi, float(per_item.std(ddof=1)) if n > 1 else 0.0)
+
+
+def bootstrap_ci(x: np.ndarray, weights: np.ndarray | None = None) -> tuple[float, float]:
+    """Percentile bootstrap interval of sum(x) / sum(w) for one model (the paired one against zeros)."""
+    r = paired_bootstrap(np.zeros(len(x)), x, weights)
+    return (r.diff_lo, r.diff_hi)
