@@ -1,0 +1,219 @@
+"""SFT stage: TRL's SFTTrainer, full fine-tuning or LoRA (PEFT) merged into the weights.
+
+`train_model(ctx, base, out_dir)` trains the baseline on `cfg.train`'s samples (see
+train_data.py), merges LoRA with `merge_and_unload`, saves safetensors + tokenizer to a
+temporary folder and renames it to `out_dir`, records the loss curve and the training
+metrics in the store, and returns the trained model's record.
+
+CPU speed (issue 8, benchmarks/train_speed.py): the defaults differ from TRL's in three
+ways that change speed, not the optimization: bf16 autocast (matmuls at the bf16 rate,
+master weights and optimizer state stay float32), no gradient checkpointing (it recomputes
+every forward for memory a 0.1-1B model on CPU does not need), and length-grouped batches
+(less compute spent on pad tokens).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from transformers import TrainerCallback
+
+from quantstudy import models, train_data
+from quantstudy.config import TrainConfig, TrainMethod, TrainSource
+from quantstudy.context import RunContext
+from quantstudy.errors import QuantStudyError
+from quantstudy.store import ModelRecord
+from quantstudy.resources import track_peak_memory
+from quantstudy.sources import Conversation
+
+
+class RichProgress(TrainerCallback):
+    """Steps, last loss, elapsed and remaining time on the study's console."""
+
+    def __init__(self, console: Console, label: str = "SFT"):
+        self.console, self.label, self.progress, self.task = console, label, None, None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TextColumn("left"),
+                                 TimeRemainingColumn(), console=self.console, transient=False)
+        self.progress.start()
+        self.task = self.progress.add_task(self.label, total=state.max_steps, loss="-")
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=state.global_step)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any) -> None:
+        if self.progress is not None and logs and "loss" in logs:
+            self.progress.update(self.task, loss=f"{logs['loss']:.4f}")
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+def bf16_supported(device: str) -> bool:
+    """bf16 autocast pays off only with native bf16 matmuls (AVX512-BF16/AMX on CPU; Ampere+ GPUs)."""
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def sft_args(cfg: TrainConfig, out: Path, device: str, **overrides: Any) -> Any:
+    """TRL SFTConfig for `cfg`; `overrides` replace any field (the benchmark's baseline recipe uses them)."""
+    from trl import SFTConfig
+
+    kw: dict[str, Any] = dict(
+        output_dir=str(out), per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+        num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1, learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_ratio,  # < 1 = share of the steps
+        seed=cfg.seed, data_seed=cfg.seed, max_length=cfg.max_seq_len, completion_only_loss=cfg.completion_only_loss,
+        bf16=cfg.bf16_autocast and bf16_supported(device), fp16=False, gradient_checkpointing=False,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=device == "cpu",
+        dataloader_num_workers=0, include_num_input_tokens_seen="non_padding")
+    kw.update(overrides)
+    return SFTConfig(**kw)
+
+
+def lora_config(cfg: TrainConfig) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
+
+
+def run_sft(model: Any, tok: Any, samples: list[Conversation], cfg: TrainConfig, args: Any,
+            console: Console, label: str = "SFT") -> Any:
+    """Train in place with SFTTrainer; returns the trainer (its .model is a PeftModel for LoRA)."""
+    import datasets
+    from datasets import Dataset
+    from transformers import PrinterCallback
+    from trl import SFTTrainer
+
+    chat = cfg.chat_template
+    if chat and not getattr(tok, "chat_template", None):
+        raise QuantStudyError("the model's tokenizer has no chat template", field="train.chat_template", value=True,
+                              fix="set `train.chat_template: false` to train on plain 'Question:/Answer:' text")
+    ds = Dataset.from_list(train_data.as_records(samples, chat))
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # TRL's tokenizing passes take < 1 s; our bar shows the training
+    try:
+        trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
+                             peft_config=lora_config(cfg) if cfg.method == TrainMethod.lora else None,
+                             callbacks=[RichProgress(console, label)])
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
+    trainer.remove_callback(PrinterCallback)  # it prints every log dict; RichProgress shows them
+    trainer.train()
+    return trainer
+
+
+def loss_curve(trainer: Any) -> list[tuple[float, float]]:
+    return [(float(e["step"]), float(e["loss"])) for e in trainer.state.log_history if "loss" in e and "step" in e]
+
+
+def evaluated_hashes(ctx: RunContext) -> dict[str, str]:
+    """text hash -> "<task>/<item id>" of every item the study evaluates (held-out guard)."""
+    try:
+        from quantstudy.evaluate import select_items  # type: ignore[attr-defined]
+    except ImportError:  # evaluation stage not available: nothing to hold out
+        return {}
+    if ctx.cfg.evaluate is None:
+        return {}
+    out: dict[str, str] = {}
+    for spec in ctx.cfg.evaluate.task_specs():
+        for item in select_items(ctx, spec):
+            out[item.text_hash] = f"{spec.name.value}/{item.id}"
+    return out
+
+
+def plan_samples(ctx: RunContext) -> tuple[list[Conversation], int]:
+    """The exact training samples of this study (also the `train` calibration source) and how
+    many pool rows were held out as evaluation items. Raises if a training text is evaluated."""
+    cfg = _train_cfg(ctx)
+    pool = train_data.load_pool(cfg, ctx.data_dir, ctx.config_dir)  # relative paths start at the study file
+    evaluated = evaluated_hashes(ctx)
+    # Built-in pools are sampled around the evaluated items; a user's own file is used as is.
+    exclude = set() if cfg.source == TrainSource.jsonl else set(evaluated)
+    samples, held_out = train_data.select_samples(pool, cfg.samples, cfg.seed, exclude)
+    train_data.guard_overlap(train_data.train_hashes(samples), evaluated)
+    return samples, held_out
+
+
+def _train_cfg(ctx: RunContext) -> TrainConfig:
+    if ctx.cfg.train is None:
+        raise QuantStudyError("the study has no `train:` section", field="train", fix="add a `train:` section")
+    return ctx.cfg.train
+
+
+def describe(cfg: TrainConfig, n: int) -> str:
+    how = f"LoRA r{cfg.lora.r}" if cfg.method == TrainMethod.lora else "full"
+    span = f"{cfg.max_steps} steps" if cfg.max_steps else f"{cfg.epochs:g} epoch(s)"
+    return f"SFT ({how}), {n} {cfg.source.value} samples, {span}"
+
+
+def save_model(model: Any, tok: Any, out_dir: Path, dtype: str) -> None:
+    """Write to `<out_dir>.tmp`, then rename: a killed run never leaves a half-written model."""
+    import torch
+
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.to(getattr(torch, dtype)).save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    models.check_model_dir(tmp, field="train")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+
+
+def train_model(ctx: RunContext, base: ModelRecord, out_dir: Path, name: str = "trained") -> ModelRecord:
+    import peft
+    import torch
+    import transformers
+    import trl
+
+    cfg = _train_cfg(ctx)
+    samples, held_out = plan_samples(ctx)
+    if held_out:
+        ctx.console.print(f"[dim]train: {held_out} pool rows held out because the study evaluates them[/]")
+    # Master weights in float32 whatever the study's dtype: AdamW updates are lost in bf16 weights.
+    model, tok = models.load_pretrained(Path(base.path), device="cpu", dtype="float32",
+                                        trust_remote_code=ctx.cfg.model.trust_remote_code)
+    args = sft_args(cfg, ctx.work_dir / "sft", ctx.device)
+    t0 = time.perf_counter()
+    with track_peak_memory(ctx.device) as mem:
+        trainer = run_sft(model, tok, samples, cfg, args, ctx.console)
+    seconds = time.perf_counter() - t0
+    merged = trainer.model.merge_and_unload() if cfg.method == TrainMethod.lora else trainer.model
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    save_model(merged, tok, out_dir, ctx.cfg.model.dtype.value)
+    shutil.rmtree(ctx.work_dir / "sft", ignore_errors=True)
+
+    curve = loss_curve(trainer)
+    tokens = int(trainer.state.num_input_tokens_seen)
+    how = {"device": ctx.device, "bf16_autocast": bool(args.bf16), "steps": trainer.state.global_step}
+    ctx.store.put_series(name, "loss", curve)
+    ctx.store.put_metric(name, "train.seconds", seconds, how)
+    ctx.store.put_metric(name, "train.final_loss", curve[-1][1] if curve else None, {"step": curve[-1][0] if curve else None})
+    ctx.store.put_metric(name, "train.peak_rss_bytes", mem.bytes, mem.info())
+    ctx.store.put_metric(name, "train.tokens", tokens, {"counted": "non-padding input tokens"})
+    ids_hash = hashlib.sha256("\n".join(c.text_hash for c in samples).encode()).hexdigest()[:16]
+    spec = {"train": cfg.model_dump(mode="json"), "samples": len(samples), "samples_hash": ids_hash,
+            "held_out": held_out, "bf16_autocast": bool(args.bf16), "steps": trainer.state.global_step,
+            "describe": describe(cfg, len(samples))}
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
+                "peft": peft.__version__}
+    return ModelRecord(name=name, role="trained", path=str(out_dir), parent=base.name, spec=spec,
+                       size_bytes=models.weights_size(out_dir), weights_hash=models.weights_hash(out_dir),
+                       versions=versions)

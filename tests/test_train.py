@@ -1,0 +1,272 @@
+"""SFT stage: loss goes down, completion-only masking, data readers, held-out guard, LoRA merge."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+
+from quantstudy import train, train_data
+from quantstudy.config import StudyConfig, TrainConfig, parse_config
+from quantstudy.context import RunContext
+from quantstudy.errors import QuantStudyError
+from quantstudy.sources import Conversation
+from quantstudy.store import ModelRecord, Store
+
+CHATML = ("{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n'}}{% endfor %}"
+          "{% if add_generation_prompt %}{{'<|im_start|>assistant\n'}}{% endif %}")
+PAIRS = [(f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}.") for a, b in
+         [(1, 2), (3, 4), (5, 6), (7, 8), (2, 9), (4, 4), (6, 1), (8, 3), (9, 9), (5, 5), (3, 7), (2, 2)]]
+
+
+def conv(i: int, q: str, a: str) -> Conversation:
+    return Conversation(f"t:{i}", (("user", q), ("assistant", a)))
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """A tiny byte-level BPE with ChatML specials, trained here (no download, < 1 s)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator([q + " " + a for q, a in PAIRS] * 4 + ["user assistant system Question Answer"],
+                            trainers.BpeTrainer(vocab_size=320, special_tokens=["<unk>", "<|im_start|>", "<|im_end|>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    t = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<|im_start|>",
+                                eos_token="<|im_end|>", pad_token="<|im_end|>")
+    t.chat_template = CHATML
+    return t
+
+
+def tiny_model(tok, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    return LlamaForCausalLM(cfg)
+
+
+def quiet() -> Console:
+    return Console(file=io.StringIO(), width=120)
+
+
+def completion_nll(model, tok, samples: list[Conversation]) -> float:
+    """Mean NLL (nats/token) of the replies given the chat-rendered prompts, in float64 by hand."""
+    total, n = 0.0, 0
+    model.eval()
+    for c in samples:
+        prompt = tok.apply_chat_template(c.as_dicts()[:-1], add_generation_prompt=True, tokenize=False)
+        full = tok.apply_chat_template(c.as_dicts(), tokenize=False)
+        ids = tok(full, add_special_tokens=False, return_tensors="pt").input_ids
+        start = len(tok(prompt, add_special_tokens=False).input_ids)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0].double(), -1)
+        tgt = ids[0, start:]
+        total -= logp[start - 1:-1].gather(1, tgt[:, None]).sum().item()
+        n += len(tgt)
+    return total / n
+
+
+# ----------------------------------------------------------------------------- training
+def test_tiny_model_full_finetune_loss_goes_down(tok, tmp_path):
+    samples = [conv(i, q, a) for i, (q, a) in enumerate(PAIRS)]
+    cfg = TrainConfig(samples=12, method="full", batch_size=4, max_steps=15, learning_rate=3e-3, max_seq_len=64)
+    model = tiny_model(tok)
+    before = completion_nll(model, tok, samples)
+    trainer = train.run_sft(model, tok, samples, cfg, train.sft_args(cfg, tmp_path / "o", "cpu"), quiet())
+    curve = train.loss_curve(trainer)
+    assert [s for s, _ in curve] == list(range(1, 16))
+    assert curve[-1][1] < curve[0][1] - 0.5
+    assert completion_nll(trainer.model, tok, samples) < before - 0.5
+
+
+def test_train_model_lora_merged_saved_and_recorded(tok, tmp_path):
+    base_dir = tmp_path / "base"
+    tiny_model(tok, seed=1).save_pretrained(base_dir)
+    tok.save_pretrained(base_dir)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"prompt": q, "response": a}) + "\n" for q, a in PAIRS))
+    cfg = parse_config({"name": "t", "model": {"source": str(base_dir)}, "evaluate": None,
+                        "train": {"source": "jsonl", "path": str(data), "samples": 12, "batch_size": 4,
+                                  "epochs": 3, "learning_rate": 5e-3, "max_seq_len": 64,
+                                  "lora": {"r": 8, "alpha": 16, "dropout": 0.0}}})
+    store = Store(tmp_path / "study" / "store.sqlite")
+    ctx = RunContext(cfg, tmp_path / "study", tmp_path, store, None, "cpu", quiet())
+    base = ModelRecord("base", "baseline", str(base_dir))
+    rec = train.train_model(ctx, base, tmp_path / "study" / "models" / "trained")
+
+    out = Path(rec.path)
+    assert rec.role == "trained" and rec.parent == "base" and rec.spec["steps"] == 9
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert not out.with_name("trained.tmp").exists()
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert not any("lora" in k for k in reloaded.state_dict())  # merged, plain Llama weights
+    samples = [conv(i, q, a) for i, (q, a) in enumerate(PAIRS)]
+    assert completion_nll(reloaded, tok, samples) < completion_nll(tiny_model(tok, seed=1), tok, samples) - 0.2
+
+    curve = store.series("trained", "loss")
+    metrics = {n: v for _, n, v, _ in store.metrics("trained")}
+    assert len(curve) == 9 and metrics["train.final_loss"] == pytest.approx(curve[-1][1])
+    assert metrics["train.seconds"] > 0 and metrics["train.peak_rss_bytes"] > 10e6
+    # non-padding tokens seen = 3 epochs x the rendered length of every sample (independent count)
+    expect = 3 * sum(len(tok(tok.apply_chat_template(s.as_dicts(), tokenize=False), add_special_tokens=False)
+                         .input_ids) for s in samples)
+    assert metrics["train.tokens"] == expect
+
+
+def test_completion_only_masking_hand_made(tok, tmp_path):
+    """Prompt tokens get label -100; exactly the reply (and its end-of-turn) carry the loss."""
+    from trl import SFTTrainer
+
+    sample = conv(0, "What is 2 plus 2?", "2 plus 2 is 4.")
+    for chat in (True, False):
+        cfg = TrainConfig(samples=1, chat_template=chat, max_steps=1, max_seq_len=64)
+        from datasets import Dataset
+
+        trainer = SFTTrainer(model=tiny_model(tok), args=train.sft_args(cfg, tmp_path / "o", "cpu"),
+                             train_dataset=Dataset.from_list(train_data.as_records([sample], chat)),
+                             processing_class=tok)
+        row = trainer.train_dataset[0]
+        ids, labels = row["input_ids"], row["labels"]
+        if chat:
+            prompt = "<|im_start|>user\nWhat is 2 plus 2?<|im_end|>\n<|im_start|>assistant\n"
+            reply = "2 plus 2 is 4.<|im_end|>\n"
+        else:
+            prompt, reply = "Question: What is 2 plus 2?\nAnswer:", " 2 plus 2 is 4.<|im_end|>"
+        n_prompt = len(tok(prompt, add_special_tokens=False).input_ids)
+        assert tok.decode(ids) == prompt + reply
+        assert labels[:n_prompt] == [-100] * n_prompt
+        assert labels[n_prompt:] == ids[n_prompt:]
+        assert tok.decode(ids[n_prompt:]) == reply
+
+        # The trainer's loss equals a float64 cross-entropy over the reply tokens only.
+        batch = trainer.data_collator([row])
+        with torch.no_grad():
+            loss = trainer.compute_loss(trainer.model, batch).item()
+            logp = torch.log_softmax(trainer.model(torch.tensor([ids])).logits[0].double(), -1)
+        tgt = torch.tensor(ids[n_prompt:])
+        ref = -logp[n_prompt - 1:-1].gather(1, tgt[:, None]).mean().item()
+        assert loss == pytest.approx(ref, rel=2e-3)
+
+
+def test_full_sequence_loss_when_completion_only_is_off(tok, tmp_path):
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    cfg = TrainConfig(samples=1, completion_only_loss=False, max_steps=1, max_seq_len=64)
+    trainer = SFTTrainer(model=tiny_model(tok), args=train.sft_args(cfg, tmp_path / "o", "cpu"),
+                         train_dataset=Dataset.from_list(train_data.as_records([conv(0, "Hi?", "Hello.")], True)),
+                         processing_class=tok)
+    row = trainer.train_dataset[0]
+    assert row["labels"] == row["input_ids"]
+
+
+def test_missing_chat_template_is_a_clear_error(tok, tmp_path):
+    plain = tok.__class__(tokenizer_object=tok.backend_tokenizer, eos_token="<|im_end|>", pad_token="<|im_end|>")
+    cfg = TrainConfig(samples=1, max_steps=1)
+    with pytest.raises(QuantStudyError, match="train.chat_template"):
+        train.run_sft(tiny_model(tok), plain, [conv(0, "a", "b")], cfg, train.sft_args(cfg, tmp_path, "cpu"), quiet())
+
+
+# ----------------------------------------------------------------------------- data
+def test_readers_on_offline_data(shared_data, tmp_path):
+    omi = train_data.load_pool(TrainConfig(), shared_data, tmp_path)
+    raw = json.loads((shared_data / "openmathinstruct-2/openmathinstruct-2-train.json").read_text())
+    assert len(omi) == len(raw) == 1000
+    assert omi[0].messages == (("user", raw[0]["problem"]), ("assistant", raw[0]["generated_solution"]))
+    gsm = train_data.load_pool(TrainConfig(source="gsm8k"), shared_data, tmp_path)
+    first = json.loads((shared_data / "gsm8k/train.jsonl").open().readline())
+    assert len(gsm) == 7473 and gsm[0].messages == (("user", first["question"]), ("assistant", first["answer"]))
+    # The offline ShareGPT file keeps only the first human turn: nothing to learn from.
+    with pytest.raises(QuantStudyError, match="assistant reply"):
+        train_data.load_pool(TrainConfig(source="sharegpt"), shared_data, tmp_path)
+
+
+def test_local_jsonl_shapes_and_relative_path(tmp_path):
+    rows = [{"prompt": "p1", "response": "r1"},
+            {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                          {"role": "assistant", "content": "a"}, {"role": "user", "content": "dangling"}]},
+            {"conversations": [{"from": "human", "value": "h"}, {"from": "gpt", "value": "g"}]},
+            {"messages": [{"role": "user", "content": "no reply"}]}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pool = train_data.load_pool(TrainConfig(source="jsonl", path="d.jsonl"), None, tmp_path)
+    assert [c.messages for c in pool] == [(("user", "p1"), ("assistant", "r1")),
+                                          (("system", "s"), ("user", "u"), ("assistant", "a")),
+                                          (("user", "h"), ("assistant", "g"))]
+    recs = train_data.as_records(pool, chat=True)
+    assert recs[1]["completion"] == [{"role": "assistant", "content": "a"}] and len(recs[1]["prompt"]) == 2
+
+
+def test_config_rejects_jsonl_without_path_and_unknown_scheduler():
+    with pytest.raises(QuantStudyError, match="train.*path"):
+        parse_config({"name": "s", "model": {"source": "a/b"}, "train": {"source": "jsonl"}})
+    with pytest.raises(QuantStudyError, match="lr_scheduler"):
+        parse_config({"name": "s", "model": {"source": "a/b"}, "train": {"lr_scheduler": "cosine_typo"}})
+
+
+# ----------------------------------------------------------------------------- held-out guard
+def test_guard_raises_naming_the_items():
+    h = train_data.text_hash
+    train_set = {h("What is 2+2?"): "omi2-7", h("Name a prime."): "omi2-9"}
+    evaluated = {h("  what IS 2+2? "): "gsm8k/test-12", h("Unrelated"): "arc_easy/Mercury_1"}
+    with pytest.raises(QuantStudyError) as e:
+        train_data.guard_overlap(train_set, evaluated)
+    assert "gsm8k/test-12" in str(e.value) and "omi2-7" in str(e.value) and "Mercury_1" not in str(e.value)
+    train_data.guard_overlap(train_set, {h("Unrelated"): "arc_easy/Mercury_1"})  # disjoint: fine
+
+
+def test_selection_holds_out_evaluated_items_and_repeats():
+    pool = [conv(i, f"question {i % 40}", f"answer {i}") for i in range(50)]  # 10 repeated prompts
+    evaluated = {train_data.text_hash(f"question {i}") for i in range(5)}
+    chosen, held_out = train_data.select_samples(pool, 35, seed=3, exclude=evaluated)
+    prompts = [c.messages[0][1] for c in chosen]
+    assert held_out == 10 and len(set(prompts)) == 35
+    assert not {f"question {i}" for i in range(5)} & set(prompts)
+    assert chosen == train_data.select_samples(pool, 35, seed=3, exclude=evaluated)[0]
+    assert chosen != train_data.select_samples(pool, 35, seed=4, exclude=evaluated)[0]
+    with pytest.raises(QuantStudyError, match="train.samples"):
+        train_data.select_samples(pool, 36, seed=3, exclude=evaluated)
+
+
+def test_plan_samples_user_file_overlapping_evaluation_is_an_error(tmp_path, monkeypatch):
+    (tmp_path / "d.jsonl").write_text(json.dumps({"prompt": "What is 2+2?", "response": "4"}) + "\n")
+    cfg = parse_config({"name": "t", "model": {"source": "a/b"},
+                        "train": {"source": "jsonl", "path": "d.jsonl", "samples": 1}})
+    ctx = RunContext(cfg, tmp_path, tmp_path, Store(tmp_path / "s.sqlite"), None, "cpu", quiet())
+    monkeypatch.setattr(train, "evaluated_hashes", lambda ctx: {train_data.text_hash("what is 2+2?"): "gsm8k/q1"})
+    with pytest.raises(QuantStudyError, match="gsm8k/q1"):
+        train.plan_samples(ctx)
+
+
+# ----------------------------------------------------------------------------- real model
+@pytest.mark.slow
+def test_smollm2_lora_trains_merges_and_evaluates(smollm2_dir, shared_data, tmp_path):
+    """LoRA SFT of SmolLM2-135M on 32 OpenMathInstruct-2 samples (4 steps); the merged model
+    reloads and its completion perplexity on 16 held-out rows stays finite and does not degrade."""
+    from quantstudy.models import load_pretrained
+
+    cfg = parse_config({"name": "t", "model": {"source": str(smollm2_dir)}, "evaluate": None,
+                        "train": {"samples": 32, "max_steps": 4}})
+    ctx = RunContext(cfg, tmp_path, tmp_path, Store(tmp_path / "s.sqlite"), shared_data, "cpu", quiet())
+    rec = train.train_model(ctx, ModelRecord("base", "baseline", str(smollm2_dir)), tmp_path / "models" / "trained")
+    used = {c.id for c in train.plan_samples(ctx)[0]}
+    held = [c for c in train_data.load_pool(cfg.train, shared_data, tmp_path) if c.id not in used][:16]
+    base_m, tok = load_pretrained(smollm2_dir)
+    trained_m, _ = load_pretrained(Path(rec.path))
+    nll_base, nll_trained = completion_nll(base_m, tok, held), completion_nll(trained_m, tok, held)
+    print(f"held-out completion NLL base {nll_base:.4f} trained {nll_trained:.4f}")
+    assert math.isfinite(nll_trained) and math.exp(nll_trained) < 20
+    assert nll_trained < nll_base + 0.02
+    assert len(ctx.store.series("trained", "loss")) == 4
