@@ -176,9 +176,10 @@ class TrainConfig(Strict):
     method: TrainMethod = TrainMethod.lora
     lora: LoraConfig = LoraConfig()
     epochs: float = Field(1.0, gt=0)
-    max_steps: int | None = None
+    max_steps: int | None = Field(None, ge=1)  # overrides epochs when set
     learning_rate: float = Field(2e-4, gt=0)
-    lr_scheduler: str = "cosine"
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup", "polynomial",
+                          "inverse_sqrt"] = "cosine"  # transformers' SchedulerType names
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
@@ -188,6 +189,13 @@ class TrainConfig(Strict):
     completion_only_loss: bool = True
     bf16_autocast: bool = True  # CPU: ~2x the float32 matrix rate on this class of CPU
     group_by_length: bool = True
+
+    @model_validator(mode="after")
+    def _path_for_jsonl(self) -> TrainConfig:
+        if self.source == TrainSource.jsonl and not self.path:
+            raise ValueError("source 'jsonl' needs `path:` pointing at a JSONL/JSON file with prompt/response "
+                             "or messages fields")
+        return self
 
 
 class TaskSpec(Strict):
