@@ -1,0 +1,291 @@
+"""Fidelity: how far a variant's next-token distribution moved from its own baseline's.
+
+Token level (like llama.cpp's --kl-divergence mode and "Accuracy is not all you need",
+Dutta et al. 2024): on a fixed text (WikiText-2 test by default), scored in windows of up
+to `context_length` tokens that each score `stride` new tokens (every token once, as in
+lm-eval's rolling loglikelihood / HF's perplexity recipe), per token we compute
+  KL(baseline || variant), top-1 agreement (same argmax), log p of the correct next token
+  under both (-> perplexity of each and their ratio) and the change in its probability
+  (-> RMS Δp).
+
+The baseline is run once per (baseline weights, text, window settings, top_k, dtype, device):
+its top-k log-probabilities per position (int32 indices: vocabularies exceed 65535;
+float32 values: a good 8-bit variant's KL is ~1e-4..1e-3 nats, the size of float16's
+rounding of a log-prob, while float32 costs only tokens*k*8 bytes, 8 MiB at the defaults),
+the log of its tail mass (log of 1 - sum of top-k probs, computed as a logsumexp over the
+tail, so it does not cancel to 0) and the log p of the correct token are saved to
+`<work_dir>/fidelity/<key>.npz`. Each variant then needs one forward pass.
+
+KL approximation (a lower bound). With S = the baseline's top-k tokens and T = the rest,
+  KL_k = sum_{i in S} p_i log(p_i/q_i) + p_T log(p_T/q_T),  p_T = 1 - sum_S p, q_T = 1 - sum_S q
+is the exact KL between the two distributions coarsened to k+1 outcomes (the tail merged
+into one bucket). By the log-sum inequality, sum_{i in T} p_i log(p_i/q_i) >= p_T log(p_T/q_T),
+so KL_k <= KL_full (data-processing inequality), with equality when k = vocab size or when
+q is proportional to p on the tail. benchmarks/fidelity_topk.py measures the gap on SmolLM2.
+
+Answer level: for multiple-choice items evaluated on both models, the choice distribution
+softmax(loglikelihoods) of the baseline vs the variant: mean KL per task and the share of
+items whose argmax choice (the `acc` prediction) changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from quantstudy.config import FidelityConfig
+from quantstudy.context import RunContext
+from quantstudy.errors import QuantStudyError
+from quantstudy.store import ModelRecord
+
+CACHE_VERSION = 1
+APPROX_NOTE = ("KL over the baseline's top-k tokens plus one tail bucket: a lower bound on the "
+               "full-vocabulary KL (log-sum inequality); exact when top_k = vocab size")
+
+
+# --------------------------------------------------------------------------- text and windows
+def load_text(source: str, data_dir: Path | None, config_dir: Path | None = None) -> tuple[str, str]:
+    """(text, description). `wikitext` = WikiText-2 raw test from data_dir, else the hub.
+
+    A relative file path is looked up in config_dir (the study file's folder), then data_dir."""
+    if source == "wikitext":
+        raw = data_dir / "wikitext-2-raw" / "wiki.test.raw" if data_dir else None
+        if raw is not None and raw.is_file():
+            return raw.read_text(encoding="utf-8"), f"wikitext-2-raw test ({raw})"
+        try:
+            from datasets import load_dataset
+
+            ds = load_dataset("wikitext", "wikitext-2-raw-v1", split="test")
+        except Exception as e:  # noqa: BLE001 - any hub/network failure is the same fix for the user
+            raise QuantStudyError(f"WikiText-2 is not in the data dir and the hub failed ({e.__class__.__name__})",
+                                  field="fidelity.source", value=source,
+                                  fix="set data_dir to a folder with wikitext-2-raw/wiki.test.raw, or give a text "
+                                      "file path") from None
+        return "".join(ds["text"]), "wikitext-2-raw-v1 test (hub)"  # rows keep their "\n": = the raw file
+    path = Path(source).expanduser()
+    if not path.is_absolute():
+        path = next((d / path for d in (config_dir, data_dir) if d is not None and (d / path).is_file()),
+                    (config_dir or Path.cwd()) / path)
+    if not path.is_file():
+        raise QuantStudyError("fidelity text file not found", field="fidelity.source", value=source,
+                              fix="use `wikitext` or the path of a UTF-8 text file (absolute, or relative to the "
+                                  "study file's folder or data_dir)")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    return text, f"{path} (sha256 {hashlib.sha256(text.encode()).hexdigest()[:12]})"
+
+
+def tokenize(tok: Any, text: str, n_tokens: int) -> np.ndarray:
+    """The first n_tokens token ids of text (int64). Tokenizes a growing prefix, not 1.3 MB."""
+    chars = n_tokens * 8
+    while True:
+        ids = tok(text[:chars], add_special_tokens=True)["input_ids"]
+        # BPE pre-tokenization is local, so a cut far past token n_tokens cannot change them
+        if len(ids) > n_tokens + 64 or chars >= len(text):
+            return np.asarray(ids[:n_tokens], dtype=np.int64)
+        chars *= 2
+
+
+def windows(n: int, context_length: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, first, stop) per window: input ids[begin:stop-1] scores targets ids[first:stop].
+
+    As lm-eval's rolling windows: every token 1..n-1 is scored exactly once, `stride` new
+    targets per window, each with up to `context_length` tokens of context (the input window).
+    Token 0 has no context and is not scored (no BOS is added; none is for SmolLM2).
+    """
+    out = []
+    for first in range(1, n, stride):
+        stop = min(first + stride, n)
+        out.append((max(0, stop - 1 - context_length), first, stop))
+    return out
+
+
+def window_logprobs(model: Any, ids: np.ndarray, wins: list[tuple[int, int, int]], device: str, progress: Any = None):
+    """Yield log_softmax over the vocab (float32, [stop - first, vocab]) for each window."""
+    with torch.inference_mode():
+        for begin, first, stop in wins:
+            x = torch.as_tensor(ids[begin:stop - 1], device=device)[None]
+            logits = model(input_ids=x, use_cache=False).logits[0, first - 1 - begin:]  # position j predicts j+1
+            yield torch.log_softmax(logits.float(), dim=-1)
+            if progress is not None:
+                progress()
+
+
+# --------------------------------------------------------------------------- KL arithmetic
+def topk_tail(logp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k (indices, log-probs) and log tail mass = logsumexp over the other tokens ([n])."""
+    vals, idx = logp.topk(min(k, logp.shape[-1]), dim=-1)
+    return idx, vals, tail_logmass(logp, idx)
+
+
+def tail_logmass(logp: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """log(sum of probs outside idx), exact even when the tail is 1e-9 (no 1 - sum cancellation)."""
+    return logp.scatter(-1, idx, float("-inf")).logsumexp(-1)
+
+
+def kl_topk_tail(idx: torch.Tensor, logp_k: torch.Tensor, logp_tail: torch.Tensor, logq: torch.Tensor) -> np.ndarray:
+    """Per-token KL(p || q) over S = idx plus one tail bucket, in float64 ([n])."""
+    lp = logp_k.double()
+    lq = logq.gather(-1, idx).double()
+    kl = (lp.exp() * (lp - lq)).sum(-1)
+    lpt, lqt = logp_tail.double(), tail_logmass(logq, idx).double()
+    tail = torch.where(torch.isneginf(lpt), torch.zeros_like(lpt), lpt.exp() * (lpt - lqt))  # 0 log 0 = 0
+    return (kl + tail).cpu().numpy()
+
+
+def kl_full(logp: torch.Tensor, logq: torch.Tensor) -> np.ndarray:
+    """Per-token KL(p || q) over the whole vocabulary, in float64 ([n])."""
+    lp, lq = logp.double(), logq.double()
+    return (lp.exp() * (lp - lq)).sum(-1).cpu().numpy()
+
+
+# --------------------------------------------------------------------------- baseline cache
+def _progress(ctx: RunContext, label: str, total: int):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    prog = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=ctx.console, transient=True)
+    task = prog.add_task(label, total=total)
+    return prog, lambda: prog.advance(task)
+
+
+def _load(path: str, ctx: RunContext) -> tuple[Any, Any]:
+    from quantstudy.models import load_pretrained
+
+    return load_pretrained(Path(path), device=ctx.device, dtype=ctx.cfg.model.dtype.value,
+                           trust_remote_code=ctx.cfg.model.trust_remote_code)
+
+
+def cache_key(ctx: RunContext, baseline: ModelRecord, ids: np.ndarray, fcfg: FidelityConfig) -> str:
+    spec = {"v": CACHE_VERSION, "baseline": baseline.weights_hash or str(Path(baseline.path).resolve()),
+            "ids": hashlib.sha256(ids.tobytes()).hexdigest(), "context_length": fcfg.context_length,
+            "stride": fcfg.stride or fcfg.context_length, "top_k": fcfg.top_k,
+            "dtype": ctx.cfg.model.dtype.value, "device": ctx.device}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def baseline_cache(ctx: RunContext, baseline: ModelRecord, ids: np.ndarray, fcfg: FidelityConfig) -> dict[str, np.ndarray]:
+    """The baseline's top-k log-probs per scored token; computed once, then read from disk."""
+    path = ctx.work_dir / "fidelity" / f"{cache_key(ctx, baseline, ids, fcfg)}.npz"
+    if path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                return {k: f[k] for k in f.files}
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable (e.g. a disk error): recompute and overwrite
+    model, _ = _load(baseline.path, ctx)
+    wins = windows(len(ids), fcfg.context_length, fcfg.stride or fcfg.context_length)
+    parts: dict[str, list[np.ndarray]] = {"idx": [], "logp_k": [], "logp_tail": [], "logp_gold": []}
+    prog, step = _progress(ctx, f"fidelity: baseline {baseline.name}", len(wins))
+    with prog:
+        for (_, first, end), logp in zip(wins, window_logprobs(model, ids, wins, ctx.device, step)):
+            idx, vals, tail = topk_tail(logp, fcfg.top_k)
+            gold = torch.as_tensor(ids[first:end], device=logp.device)[:, None]
+            for name, t in (("idx", idx.int()), ("logp_k", vals), ("logp_tail", tail),
+                            ("logp_gold", logp.gather(-1, gold)[:, 0])):
+                parts[name].append(t.cpu().numpy())
+            vocab = logp.shape[-1]
+    del model
+    out = {k: np.concatenate(v) for k, v in parts.items()}
+    out["vocab"] = np.asarray(vocab)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")  # write, then rename into place
+    with os.fdopen(fd, "wb") as f:
+        np.savez(f, **out)
+    os.replace(tmp, path)
+    return out
+
+
+# --------------------------------------------------------------------------- token-level metrics
+def variant_pass(ctx: RunContext, model: Any, ids: np.ndarray, base: dict[str, np.ndarray], fcfg: FidelityConfig,
+                 label: str) -> dict[str, np.ndarray]:
+    """Per scored token: kl (top-k bound), agree (bool), logp/logq of the correct token."""
+    wins = windows(len(ids), fcfg.context_length, fcfg.stride or fcfg.context_length)
+    kl, agree, logq_gold, at = [], [], [], 0
+    prog, step = _progress(ctx, f"fidelity: {label}", len(wins))
+    with prog:
+        for (_, first, end), logq in zip(wins, window_logprobs(model, ids, wins, ctx.device, step)):
+            if logq.shape[-1] != int(base["vocab"]):
+                raise QuantStudyError(f"{label} has a different vocabulary size than its baseline",
+                                      value=[logq.shape[-1], int(base["vocab"])],
+                                      fix="compare a variant only with the model it was quantized from")
+            sl = slice(at, at + end - first)
+            at = sl.stop
+            idx = torch.as_tensor(base["idx"][sl], device=logq.device).long()
+            kl.append(kl_topk_tail(idx, torch.as_tensor(base["logp_k"][sl], device=logq.device),
+                                   torch.as_tensor(base["logp_tail"][sl], device=logq.device), logq))
+            agree.append((logq.argmax(-1) == idx[:, 0]).cpu().numpy())
+            gold = torch.as_tensor(ids[first:end], device=logq.device)[:, None]
+            logq_gold.append(logq.gather(-1, gold)[:, 0].cpu().numpy())
+    return {"kl": np.concatenate(kl), "agree": np.concatenate(agree),
+            "logp": base["logp_gold"].astype(np.float64), "logq": np.concatenate(logq_gold).astype(np.float64)}
+
+
+def summarize(tok: dict[str, np.ndarray]) -> dict[str, float]:
+    kl, lp, lq = tok["kl"], tok["logp"], tok["logq"]
+    ppl, ppl_b = float(np.exp(-lq.mean())), float(np.exp(-lp.mean()))
+    return {"kl_mean": float(kl.mean()), "kl_median": float(np.median(kl)), "kl_p99": float(np.percentile(kl, 99)),
+            "top1_agree": float(tok["agree"].mean()), "ppl": ppl, "ppl_baseline": ppl_b, "ppl_ratio": ppl / ppl_b,
+            "dp_rms": float(np.sqrt(np.mean((np.exp(lq) - np.exp(lp)) ** 2))), "n_tokens": float(len(kl))}
+
+
+# --------------------------------------------------------------------------- answer-level metrics
+def answer_metrics(ctx: RunContext, variant: str, baseline: str) -> dict[str, tuple[float, int]]:
+    """{"<task>.answer_kl" | "<task>.answer_change_share" | "answer_change_share": (value, n items)}."""
+    from scipy.special import log_softmax
+
+    base = {(r.task, r.item_id): r.details["loglikelihoods"] for _, r in ctx.store.items(model=baseline)
+            if "loglikelihoods" in r.details}
+    per_task: dict[str, list[tuple[float, bool]]] = {}
+    for _, r in ctx.store.items(model=variant):
+        lp_b = base.get((r.task, r.item_id))
+        if lp_b is None or "loglikelihoods" not in r.details or len(lp_b) != len(r.details["loglikelihoods"]):
+            continue
+        lp = log_softmax(np.asarray(lp_b, dtype=np.float64))
+        lq = log_softmax(np.asarray(r.details["loglikelihoods"], dtype=np.float64))
+        kl = float(np.sum(np.exp(lp) * (lp - lq)))
+        per_task.setdefault(r.task, []).append((kl, int(np.argmax(lp)) != int(np.argmax(lq))))
+    out: dict[str, tuple[float, int]] = {}
+    for task, rows in sorted(per_task.items()):
+        out[f"{task}.answer_kl"] = (float(np.mean([k for k, _ in rows])), len(rows))
+        out[f"{task}.answer_change_share"] = (float(np.mean([c for _, c in rows])), len(rows))
+    if per_task:  # pooled over all items of all multiple-choice tasks
+        flat = [c for rows in per_task.values() for _, c in rows]
+        out["answer_change_share"] = (float(np.mean(flat)), len(flat))
+    return out
+
+
+# --------------------------------------------------------------------------- stage entry point
+def fidelity_model(ctx: RunContext, variant: ModelRecord, baseline: ModelRecord) -> None:
+    """Store fidelity.* metrics of `variant` against `baseline` (see the module docstring)."""
+    from transformers import AutoTokenizer
+
+    fcfg = ctx.cfg.fidelity or FidelityConfig()
+    text, source = load_text(fcfg.source, ctx.data_dir, ctx.config_dir)
+    btok = AutoTokenizer.from_pretrained(baseline.path, trust_remote_code=ctx.cfg.model.trust_remote_code)
+    ids = tokenize(btok, text, fcfg.tokens)
+    if len(ids) < 2:
+        raise QuantStudyError("the fidelity text has fewer than 2 tokens", field="fidelity.source", value=fcfg.source,
+                              fix="use a longer text file, or `wikitext`")
+    base = baseline_cache(ctx, baseline, ids, fcfg)
+    model, vtok = _load(variant.path, ctx)
+    if not np.array_equal(tokenize(vtok, text, fcfg.tokens), ids):
+        raise QuantStudyError(f"variant {variant.name} tokenizes the text differently from {baseline.name}",
+                              fix="compare a variant only with the model it was derived from (same tokenizer)")
+    tok = variant_pass(ctx, model, ids, base, fcfg, variant.name)
+    info = {"baseline": baseline.name, "source": source, "top_k": fcfg.top_k, "context_length": fcfg.context_length,
+            "stride": fcfg.stride or fcfg.context_length, "tokens_requested": fcfg.tokens, "approximation": APPROX_NOTE}
+    with ctx.store.tx():
+        for name, value in summarize(tok).items():
+            ctx.store.put_metric(variant.name, f"fidelity.{name}", value, info)
+        for name, (value, n) in answer_metrics(ctx, variant.name, baseline.name).items():
+            ctx.store.put_metric(variant.name, f"fidelity.{name}", value,
+                                 {"baseline": baseline.name, "n_items": n,
+                                  "definition": "choice distribution = softmax of per-choice loglikelihoods; "
+                                                "change = argmax (acc prediction) differs"})
