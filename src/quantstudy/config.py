@@ -210,8 +210,14 @@ class SpeedConfig(Strict):
     warmup: int = Field(1, ge=0)
 
 
+class EvalBackend(str, Enum):
+    fast = "fast"  # quantstudy.fastscore: prefix-sharing, same semantics as lm-eval
+    lmeval = "lmeval"  # lm-eval's own HFLM (the reference; slower)
+
+
 class EvaluateConfig(Strict):
     tasks: list[TaskName | TaskSpec] = Field(default_factory=lambda: [TaskName.arc_easy])
+    backend: EvalBackend = EvalBackend.fast
     limit: int | None = None  # per task; None = all items
     limit_mode: LimitMode = LimitMode.first
     num_fewshot: int | None = None  # None = lm-eval's default for each task

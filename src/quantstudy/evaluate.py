@@ -1,0 +1,182 @@
+"""Evaluation stage: score one model on every configured task, per item, resumable.
+
+For each task: select the items (same for every model of the study: first N, or a sample
+drawn with the evaluation seed), build lm-eval-style prompts (few-shot drawn with the same
+seeded sampler as lm-eval), skip items the store already holds with the same prompt, score
+the rest in batches through a `Scorer` and write each batch as one transaction, so a killed
+run keeps what it scored. Aggregates are recomputed from the store over the selected items.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from quantstudy import store as st
+from quantstudy.config import EvalBackend, LimitMode, TaskSpec
+from quantstudy.context import RunContext
+from quantstudy.errors import QuantStudyError
+from quantstudy.scoring import GenRequest, LLRequest, Scorer
+from quantstudy.tasks import Item, Kind, Task, build_context, continuation_prefix, get_task, pick_fewshot
+from quantstudy.tasks.base import ChatFn, sha
+
+
+@dataclass(frozen=True)
+class Prompt:
+    item: Item
+    context: str  # exact text sent to the model (rolling tasks: the text scored)
+
+    @property
+    def hash(self) -> str:
+        return sha(self.context)
+
+
+def make_scorer(ctx: RunContext, model: Any, tokenizer: Any) -> Scorer:
+    bs = ctx.cfg.evaluate.batch_size if ctx.cfg.evaluate else 16
+    if ctx.cfg.evaluate is None or ctx.cfg.evaluate.backend is EvalBackend.fast:
+        try:
+            from quantstudy.fastscore import FastScorer
+        except ImportError:
+            ctx.console.print("[yellow]note:[/] quantstudy.fastscore is not available; scoring with lm-eval's HFLM")
+        else:
+            return FastScorer(model, tokenizer, batch_size=bs, device=ctx.device)
+    from quantstudy.lmeval_backend import LMEvalScorer
+
+    return LMEvalScorer(model, tokenizer, batch_size=bs, device=ctx.device)
+
+
+def select_items(ctx: RunContext, spec: TaskSpec) -> list[Item]:
+    """The task's items after `limit`; identical for every model (depends on data, seed, limit only)."""
+    items = get_task(spec.name).eval_items(ctx.data_dir)
+    n = spec.limit
+    if n is None or n >= len(items):
+        return items
+    if n < 1:
+        raise QuantStudyError("limit must be >= 1", field="evaluate.limit", value=n, fix="use a positive limit or none")
+    if ctx.cfg.evaluate.limit_mode is LimitMode.first:
+        return items[:n]
+    # a string seed is hashed with SHA-512 by `random`: stable across processes and platforms
+    rnd = random.Random(f"{ctx.cfg.evaluate.seed}:{spec.name.value}")
+    return [items[i] for i in sorted(rnd.sample(range(len(items)), n))]
+
+
+def chat_fn(tokenizer: Any) -> ChatFn:
+    if not getattr(tokenizer, "chat_template", None):
+        raise QuantStudyError("the model's tokenizer has no chat template", field="evaluate.chat_template",
+                              value=True, fix="set evaluate.chat_template: false for this model")
+    return lambda msgs: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+
+def build_prompts(task: Task, items: list[Item], data_dir: Path | None, num_fewshot: int | None, seed: int,
+                  chat: ChatFn | None) -> list[Prompt]:
+    if task.kind is Kind.rolling:  # perplexity: no prompt, no few-shot, no chat template
+        return [Prompt(it, task.rolling_text(it.doc)) for it in items]
+    k = task.default_fewshot if num_fewshot is None else num_fewshot
+    pools = task.fewshot_docs(data_dir) if k > 0 else {}
+    shots = pick_fewshot(task, items, pools, k, seed)
+    return [Prompt(it, build_context(task, it.doc, s, chat)) for it, s in zip(items, shots)]
+
+
+def score_prompts(task: Task, prompts: list[Prompt], scorer: Scorer, max_new_tokens: int,
+                  chat: bool) -> list[st.ItemRecord]:
+    """Score one batch of prompts; latency = batch wall time / items (generation: per request)."""
+    t0 = time.perf_counter()
+    if task.kind is Kind.multiple_choice:
+        sep = continuation_prefix(task, chat)
+        reqs = [[LLRequest(p.context, sep + c) for c in task.doc_to_choice(p.item.doc)] for p in prompts]
+        flat = scorer.loglikelihood([r for rs in reqs for r in rs])
+        recs, i = [], 0
+        for p, rs in zip(prompts, reqs):
+            recs.append(task.score_choices(p.item, flat[i:i + len(rs)]))
+            i += len(rs)
+    elif task.kind is Kind.generate:
+        gens = scorer.generate([GenRequest(p.context, task.until, max_new_tokens) for p in prompts])
+        recs = []
+        for p, g in zip(prompts, gens):
+            r = task.score_generation(p.item, g)
+            r.n_tokens, r.hit_max, r.latency_s = g.n_tokens, g.hit_max, g.latency_s
+            r.details["max_new_tokens"] = max_new_tokens
+            recs.append(r)
+    else:
+        recs = [task.score_rolling(p.item, r) for p, r in
+                zip(prompts, scorer.loglikelihood_rolling([p.context for p in prompts]))]
+    per_item = (time.perf_counter() - t0) / max(1, len(prompts))
+    for p, r in zip(prompts, recs):
+        r.prompt_hash = p.hash
+        r.details["backend"] = scorer.name
+        if r.latency_s is None:
+            r.latency_s = per_item
+    return recs
+
+
+def _fresh(rec: st.ItemRecord | None, p: Prompt, task: Task, max_new: int) -> bool:
+    return rec is not None and rec.prompt_hash == p.hash and (
+        task.kind is not Kind.generate or rec.details.get("max_new_tokens") == max_new)
+
+
+class _Model:
+    """Loads the model only when some item actually needs scoring (a finished run loads nothing)."""
+
+    def __init__(self, ctx: RunContext, rec: st.ModelRecord):
+        self.ctx, self.rec, self._scorer, self._tok = ctx, rec, None, None
+
+    def tokenizer(self) -> Any:
+        if self._tok is None:
+            from transformers import AutoTokenizer
+
+            self._tok = AutoTokenizer.from_pretrained(self.rec.path,
+                                                      trust_remote_code=self.ctx.cfg.model.trust_remote_code)
+        return self._tok
+
+    def scorer(self) -> Scorer:
+        if self._scorer is None:
+            from quantstudy.models import load_pretrained
+
+            cfg = self.ctx.cfg.model
+            model, self._tok = load_pretrained(Path(self.rec.path), device=self.ctx.device, dtype=cfg.dtype.value,
+                                               trust_remote_code=cfg.trust_remote_code)
+            self._scorer = make_scorer(self.ctx, model, self._tok)
+        return self._scorer
+
+
+def evaluate_model(ctx: RunContext, model: st.ModelRecord) -> None:
+    ecfg = ctx.cfg.evaluate
+    if ecfg is None:
+        return
+    lazy = _Model(ctx, model)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=ctx.console, transient=False) as progress:
+        for spec in ecfg.task_specs():
+            task = get_task(spec.name)
+            items = select_items(ctx, spec)
+            chat = chat_fn(lazy.tokenizer()) if ecfg.chat_template and task.kind is not Kind.rolling else None
+            prompts = build_prompts(task, items, ctx.data_dir, spec.num_fewshot, ecfg.seed, chat)
+            have = {r.item_id: r for _, r in ctx.store.items(model.name, task.name.value)}
+            todo = [p for p in prompts if not _fresh(have.get(p.item.id), p, task, ecfg.max_new_tokens)]
+            bar = progress.add_task(f"{model.name} · {task.name.value}", total=len(prompts),
+                                    completed=len(prompts) - len(todo))
+            step = 1 if task.kind is Kind.rolling else ecfg.batch_size
+            for b in range(0, len(todo), step):
+                chunk = todo[b:b + step]
+                recs = score_prompts(task, chunk, lazy.scorer(), ecfg.max_new_tokens, chat is not None)
+                ctx.store.put_items(model.name, recs)
+                have.update((r.item_id, r) for r in recs)
+                progress.advance(bar, len(chunk))
+            write_metrics(ctx, model.name, task, spec, [have[p.item.id] for p in prompts])
+
+
+def write_metrics(ctx: RunContext, model: str, task: Task, spec: TaskSpec, records: list[st.ItemRecord]) -> None:
+    ecfg = ctx.cfg.evaluate
+    k = task.default_fewshot if spec.num_fewshot is None else spec.num_fewshot
+    info = {"n": len(records), "limit": spec.limit, "limit_mode": ecfg.limit_mode.value, "seed": ecfg.seed,
+            "num_fewshot": 0 if task.kind is Kind.rolling else k, "chat_template": ecfg.chat_template,
+            "backend": sorted({str(r.details.get("backend")) for r in records}),
+            "data": f"offline:{ctx.data_dir}" if ctx.data_dir else f"hub:{task.hub}"}
+    with ctx.store.tx():
+        for name, value in task.aggregate(records).items():
+            ctx.store.put_metric(model, f"eval.{task.name.value}.{name}", float(value), info)
