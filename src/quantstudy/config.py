@@ -245,8 +245,15 @@ class FidelityConfig(Strict):
     source: str = "wikitext"  # `wikitext` or a path to a text file
     tokens: int = Field(16384, ge=128)
     context_length: int = Field(512, ge=16)
-    stride: int | None = None  # None = context_length (non-overlapping windows)
+    stride: int | None = Field(None, ge=1)  # None = context_length (non-overlapping windows)
     top_k: int = Field(64, ge=1)
+
+    @model_validator(mode="after")
+    def _stride(self) -> FidelityConfig:
+        if self.stride is not None and self.stride > self.context_length:
+            raise ValueError(f"fidelity.stride ({self.stride}) must be <= context_length ({self.context_length}), "
+                             "or tokens between windows would never be scored")
+        return self
 
 
 class StudyConfig(Strict):

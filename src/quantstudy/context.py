@@ -15,11 +15,17 @@ from quantstudy.store import Store
 class RunContext:
     cfg: StudyConfig
     study_dir: Path  # everything the study writes lives below this folder
+    config_dir: Path  # folder of the study file: relative paths in the config start here
     store: Store
     data_dir: Path | None  # offline raw data (layout of ../shared/data); None = Hugging Face hub
     device: str  # "cpu" or "cuda", resolved from cfg.device
     console: Console
     debug: bool = False
+
+    @property
+    def data_id(self) -> str:
+        """What the evaluation data came from, for cache keys and the report."""
+        return str(self.data_dir.resolve()) if self.data_dir else "huggingface-hub"
 
     @property
     def work_dir(self) -> Path:

@@ -188,6 +188,14 @@ def resolve_source(source: str, revision: str | None, base: Path, cache_dir: Pat
     return snap
 
 
+def is_compressed(model_dir: Path) -> bool:
+    """True for a compressed-tensors checkpoint (what llm-compressor writes)."""
+    import json
+
+    cfg = json.loads((model_dir / "config.json").read_text())
+    return cfg.get("quantization_config", {}).get("quant_method") == "compressed-tensors"
+
+
 def load_pretrained(path: Path, device: str = "cpu", dtype: str = "float32",
                     trust_remote_code: bool = False) -> tuple[Any, Any]:
     """Load an HF dir (also a compressed-tensors dir: transformers decompresses it to dense)."""
@@ -196,8 +204,16 @@ def load_pretrained(path: Path, device: str = "cpu", dtype: str = "float32",
 
     check_model_dir(Path(path), field="model path")
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    kwargs: dict[str, Any] = {}
+    if is_compressed(Path(path)):
+        from transformers import CompressedTensorsConfig
+
+        # Decompress to dense Linear at load time (not lazily at the first forward, which
+        # would land in the first timed request). Transformers has no packed 4-bit CPU
+        # kernel: accuracy is the quantized model's, speed and memory are not.
+        kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype),
-                                                 trust_remote_code=trust_remote_code)
+                                                 trust_remote_code=trust_remote_code, **kwargs)
     model.to(device).eval()
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

@@ -167,3 +167,49 @@ def run_oneshot(model: Any, tokenizer: Any, v: Variant, dataset: Any | None, max
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     return report.rows, seconds
+
+
+def quantize_model(ctx: Any, v: Variant, parent: Any, name: str, out_dir: Path) -> Any:
+    """Stage entry: quantize `parent` (a ModelRecord) with variant `v` into `out_dir`."""
+    from quantstudy.calibration import build_calibration, tokenize
+    from quantstudy.models import load_pretrained, weights_hash, weights_size
+    from quantstudy.resources import track_peak_memory
+    from quantstudy.store import ModelRecord
+
+    trust = ctx.cfg.model.trust_remote_code
+    check_group_size(linear_shapes(Path(parent.path), trust), v)  # before any calibration
+    with track_peak_memory(ctx.device) as peak:
+        model, tok = load_pretrained(Path(parent.path), ctx.device, ctx.cfg.model.dtype.value, trust)
+        dataset, calib = None, None
+        if v.calibration is not None:
+            train_pool = None
+            if v.calibration.source.value == "train":
+                from quantstudy.train_data import training_conversations
+
+                train_pool = training_conversations(ctx)
+            calib = build_calibration(v.calibration, tok, ctx.data_dir, ctx.config_dir, train_pool)
+            dataset = tokenize(calib, tok, v.calibration.max_seq_len)
+            ctx.console.print(f"  calibration: {len(calib.ids)} {v.calibration.source.value} samples, "
+                              f"<= {v.calibration.max_seq_len} tokens each, seed {v.calibration.seed}")
+        rows, seconds = run_oneshot(model, tok, v, dataset,
+                                    v.calibration.max_seq_len if v.calibration else 0, out_dir)
+        del model
+    store = ctx.store
+    if calib is not None:
+        store.put_calibration(name, list(zip(calib.ids, calib.hashes)))
+    store.put_layers(name, [(layer, r.get("error"), r.get("time")) for layer, r in rows.items()])
+    store.put_metric(name, "quantize.seconds", seconds, {"what": "llm-compressor oneshot wall time",
+                                                         "device": ctx.device})
+    store.put_metric(name, "quantize.peak_rss_bytes", peak.bytes, peak.info())
+    spec = {"method": v.method.value, "bits": v.bits, "group_size": v.group_size, "symmetric": v.symmetric,
+            "ignore": list(v.ignore), "describe": v.describe(),
+            "calibration": None if v.calibration is None else {
+                "source": v.calibration.source.value, "samples": v.calibration.samples,
+                "max_seq_len": v.calibration.max_seq_len, "seed": v.calibration.seed,
+                "chat_template": v.calibration.chat_template,
+                "fingerprint": calib.fingerprint if calib else None},
+            "gptq": v.gptq.model_dump() if v.method == Method.gptq else None,
+            "awq": v.awq.model_dump() if v.method == Method.awq else None,
+            "format": "compressed-tensors"}
+    return ModelRecord(name, "quantized", str(out_dir), parent=parent.name, spec=spec,
+                       size_bytes=weights_size(out_dir), weights_hash=weights_hash(out_dir))

@@ -219,6 +219,15 @@ class Store:
                                     (model, name)))
 
 
+    def forget_results(self, model: str) -> None:
+        """Drop everything computed on a model's old weights (it was re-made)."""
+        with self.tx():
+            for table in ("metrics", "items", "layers", "calibration", "series"):
+                self.db.execute(f"DELETE FROM {table} WHERE model=?", (model,))
+            self.db.execute("DELETE FROM stages WHERE model=? AND stage NOT IN ('resolve','train','quantize')",
+                            (model,))
+
+
 class _Tx:
     def __init__(self, db: sqlite3.Connection):
         self.db = db

@@ -1,0 +1,241 @@
+"""Everything the report shows, computed once from the store into plain dataclasses.
+
+`analyze(store)` only reads. The renderers (markdown, html, json) format this object and
+compute nothing. All paired comparisons of one report form one Holm family, whatever
+table they appear in: variant vs parent, method vs method at equal calibration,
+calibration size vs size at equal method, trained vs base at equal quantization.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from quantstudy import stats
+from quantstudy.errors import QuantStudyError
+from quantstudy.report import deploy, items
+from quantstudy.report.items import Comparison, Kind, Metric, Score
+from quantstudy.store import ModelRecord, Store
+
+
+class PairKind(str, Enum):
+    parent = "vs parent"
+    method = "method at equal calibration"
+    calibration = "calibration size at equal method"
+    training = "trained vs base at equal quantization"
+
+
+@dataclass
+class Pair:
+    kind: PairKind
+    ref: str
+    other: str
+    title: str
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    role: str
+    parent: str | None
+    describe: str
+    path: str
+    size_bytes: int | None
+    spec: dict[str, Any]
+    weights_hash: str | None
+    mean_acc: float | None = None  # unweighted mean of the primary right/wrong metric over tasks
+    acc_tasks: list[str] = field(default_factory=list)
+    pareto: bool = False  # on the accuracy-vs-size Pareto front
+
+
+@dataclass
+class Analysis:
+    models: list[ModelInfo]
+    tasks: list[str]
+    metrics: list[Metric]
+    scores: list[Score]
+    comparisons: list[Comparison]  # the Holm family
+    pairs: list[Pair]
+    mmlu_category: list[Score]
+    mmlu_subject: list[Score]
+    deploy: list[deploy.Deploy]
+    health: list[deploy.Health]
+    fidelity: dict[str, dict[str, float]]
+    training: dict[str, dict[str, Any]]  # trained model -> {"metrics": {...}, "loss": [(step, value)]}
+    design_mde: dict[str, tuple[int, float, float]]  # task -> (n, baseline accuracy, unpaired MDE)
+    meta: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+
+    def model(self, name: str) -> ModelInfo:
+        return next(m for m in self.models if m.name == name)
+
+    def score(self, model: str, task: str, metric: str) -> Score | None:
+        return next((s for s in self.scores if (s.model, s.task, s.metric) == (model, task, metric)), None)
+
+    def between(self, ref: str, other: str) -> list[Comparison]:
+        return [c for c in self.comparisons if (c.ref, c.other) == (ref, other)]
+
+    def pairs_of(self, kind: PairKind) -> list[Pair]:
+        return [p for p in self.pairs if p.kind == kind]
+
+    def deploy_of(self, name: str) -> deploy.Deploy:
+        return next(d for d in self.deploy if d.model == name)
+
+
+def describe(m: ModelRecord) -> str:
+    if m.spec.get("describe"):
+        return str(m.spec["describe"])
+    return {"baseline": "original weights", "trained": "fine-tuned"}.get(m.role, m.role)
+
+
+def _quant_key(m: ModelInfo, *drop: str) -> tuple | None:
+    """The quantization settings of a model, without the fields in `drop` (None if not quantized)."""
+    s = m.spec
+    if m.role != "quantized" or "method" not in s:
+        return None
+    cal = s.get("calibration") or {}
+    full = {"method": s.get("method"), "bits": s.get("bits"), "group_size": s.get("group_size"),
+            "symmetric": s.get("symmetric"), "source": cal.get("source"), "samples": cal.get("samples")}
+    return tuple(v for k, v in full.items() if k not in drop)
+
+
+def plan_pairs(models: list[ModelInfo]) -> list[Pair]:
+    """Which models are compared: each with its parent, then the method / calibration / training pairs."""
+    out = [Pair(PairKind.parent, m.parent, m.name, f"{m.name} vs its parent {m.parent}")
+           for m in models if m.parent and any(p.name == m.parent for p in models)]
+    roles = {m.name: m.role for m in models}
+    quant = [m for m in models if _quant_key(m)]
+    for i, a in enumerate(quant):
+        for b in quant[i + 1:]:
+            if a.parent != b.parent:
+                same_tune = _quant_key(a, "source") == _quant_key(b, "source")
+                if same_tune and {roles.get(a.parent), roles.get(b.parent)} == {"baseline", "trained"}:
+                    base, tuned = (a, b) if roles.get(a.parent) == "baseline" else (b, a)
+                    out.append(Pair(PairKind.training, base.name, tuned.name,
+                                    f"{tuned.name} vs {base.name}: training, both {base.describe}"))
+            elif a.spec.get("calibration") and _quant_key(a, "method") == _quant_key(b, "method"):
+                out.append(Pair(PairKind.method, a.name, b.name,
+                                f"{a.spec['method'].upper()} vs {b.spec['method'].upper()} at equal calibration "
+                                f"({a.spec['calibration'].get('samples')} {a.spec['calibration'].get('source')} samples)"))
+            elif a.spec.get("calibration") and _quant_key(a, "samples") == _quant_key(b, "samples"):
+                lo, hi = sorted((a, b), key=lambda m: m.spec["calibration"].get("samples") or 0)
+                out.append(Pair(PairKind.calibration, lo.name, hi.name,
+                                f"{lo.spec['calibration'].get('samples')} vs {hi.spec['calibration'].get('samples')} "
+                                f"calibration samples, {lo.spec['method'].upper()} at equal settings"))
+    return out
+
+
+def analyze(store: Store) -> Analysis:
+    records = store.models()
+    if not records:
+        raise QuantStudyError(f"the study store {store.path} holds no models", field="study_dir",
+                              value=str(store.path.parent), fix="run `quantstudy run STUDY.yaml` first")
+    by_model = items.load_items(store)
+    models = [ModelInfo(m.name, m.role, m.parent, describe(m), m.path, m.size_bytes, m.spec, m.weights_hash)
+              for m in records]
+    tasks = sorted({t for per in by_model.values() for t in per})
+    metrics = [mt for t in tasks for mt in items.task_metrics(t, [r for per in by_model.values() for r in per.get(t, [])])]
+    cols = {(m.name, mt): items.column(by_model.get(m.name, {}).get(mt.task, []), mt) for m in models for mt in metrics}
+    scores = [items.score(m.name, mt, cols[m.name, mt]) for m in models for mt in metrics if cols[m.name, mt]]
+    a = Analysis(models, tasks, metrics, scores, [], plan_pairs(models), [], [], [], [], {}, {}, {}, _meta(store))
+    _compare_all(a, cols)
+    _mmlu(a, by_model)
+    _summaries(a)
+    _deployment(a, store, by_model)
+    return a
+
+
+def _compare_all(a: Analysis, cols: dict) -> None:
+    seen: set[frozenset[str]] = set()
+    for p in a.pairs:
+        if frozenset((p.ref, p.other)) in seen:
+            continue
+        seen.add(frozenset((p.ref, p.other)))
+        for mt in a.metrics:
+            c = items.compare(p.ref, p.other, mt, cols[p.ref, mt], cols[p.other, mt])
+            if c is not None:
+                a.comparisons.append(c)
+                if c.excluded:
+                    a.warnings.append(f"{mt.task}: {c.excluded} items of {p.ref} and {p.other} share an id but not "
+                                      "their content hash; they were left out of the paired test")
+    for c, p in zip(a.comparisons, stats.holm([c.p for c in a.comparisons])):
+        c.p_holm = p
+
+
+def _mmlu(a: Analysis, by_model: dict) -> None:
+    mt = Metric("mmlu", "acc", Kind.binary)
+    for m in a.models:
+        recs = [r for r in by_model.get(m.name, {}).get("mmlu", []) if r.correct is not None]
+        for key, out in (("category", a.mmlu_category), ("subject", a.mmlu_subject)):
+            for group in sorted({str(r.details.get(key, "unknown")) for r in recs}):
+                sub = [r for r in recs if str(r.details.get(key, "unknown")) == group]
+                s = items.score(m.name, mt, items.column(sub, mt))
+                s.task = group  # the category / subject name
+                out.append(s)
+
+
+def _summaries(a: Analysis) -> None:
+    binary = [mt for mt in a.metrics if mt.kind == Kind.binary]
+    for m in a.models:
+        vals = [(mt.task, s.value) for mt in binary if (s := a.score(m.name, mt.task, mt.name))]
+        m.acc_tasks = [t for t, _ in vals]
+        m.mean_acc = sum(v for _, v in vals) / len(vals) if vals else None
+    sized = [m for m in a.models if m.size_bytes and m.mean_acc is not None]
+    for m in sized:  # Pareto: no other model is at least as small and as accurate, and better in one
+        m.pareto = not any(o.size_bytes <= m.size_bytes and o.mean_acc >= m.mean_acc  # type: ignore[operator]
+                           and (o.size_bytes < m.size_bytes or o.mean_acc > m.mean_acc) for o in sized)  # type: ignore[operator]
+    base = next((m for m in a.models if m.role == "baseline"), None)
+    for mt in binary:
+        s = a.score(base.name, mt.task, mt.name) if base else None
+        if s and s.n:
+            a.design_mde[mt.task] = (s.n, s.value, stats.mde_unpaired(s.n, s.value))
+    tasksets = {tuple(m.acc_tasks) for m in a.models if m.acc_tasks}
+    if len(tasksets) > 1:
+        a.warnings.append("models were evaluated on different task sets; mean accuracies are over each model's own "
+                          "tasks and not directly comparable")
+
+
+def _deployment(a: Analysis, store: Store, by_model: dict) -> None:
+    metrics = {m.name: {n: (v, i) for _, n, v, i in store.metrics(m.name)} for m in a.models}
+    done: dict[str, deploy.Deploy] = {}
+    health: dict[str, list[deploy.Health]] = {}
+    depth = {m.name: _depth(a, m) for m in a.models}
+    for m in sorted(a.models, key=lambda m: depth[m.name]):  # parents before the models derived from them
+        d = deploy.deploy_row(m.name, m.role, m.size_bytes, metrics[m.name], done.get(m.parent or ""))
+        done[m.name] = d
+        a.deploy.append(d)
+        health[m.name] = deploy.health_rows(m.name, by_model.get(m.name, {}), metrics[m.name], health.get(m.parent or ""))
+        a.health.extend(health[m.name])
+        fid = {n.removeprefix("fidelity."): v for n, (v, _) in metrics[m.name].items() if n.startswith("fidelity.")}
+        if fid:
+            a.fidelity[m.name] = fid
+        if m.role == "trained":
+            a.training[m.name] = {"metrics": {n: v for n, (v, _) in metrics[m.name].items() if n.startswith("train.")},
+                                  "loss": store.series(m.name, "loss")}
+
+
+def _depth(a: Analysis, m: ModelInfo) -> int:
+    names, d = {x.name: x for x in a.models}, 0
+    while m.parent in names and d < len(names):
+        m, d = names[m.parent], d + 1  # type: ignore[index]
+    return d
+
+
+def _meta(store: Store) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in ("config", "versions", "hardware", "device", "data"):
+        raw = store.get_meta(key)
+        if raw is None:
+            continue
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+def finite(x: float | None) -> bool:
+    return x is not None and not math.isnan(x) and not math.isinf(x)

@@ -1,0 +1,137 @@
+"""What a deployment cares about, per model: speed, memory, size, generation health, fidelity.
+
+Speed and memory are single measurements read from the store's `speed.*` / `memory.*`
+metrics together with how they were taken (info: backend, weights packed/decompressed,
+measured). They get no significance test (no replicates), and the definitions follow
+design.md:
+  speed-up         = parent latency / model latency (> 1 = faster), only when both generated
+                     a comparable number of tokens per response (ratio within TOKENS_COMPARABLE);
+                     otherwise a generation-health warning replaces the number.
+  memory reduction = parent peak - model peak (bytes and % of parent), with the method.
+Generation health is recomputed from the evaluation items of generative tasks (hit
+max_new_tokens, empty text, generated tokens) and read from the speed benchmark's metrics.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from quantstudy.store import ItemRecord
+
+TOKENS_COMPARABLE = 1.25  # speed-up is shown only if tokens/response differ by less than this factor
+HIT_MAX_FLAG = 0.20  # share of responses cut at max_new_tokens that counts as a pathology ...
+HIT_MAX_VS_PARENT = 2.0  # ... when also this many times the parent's share
+EMPTY_FLAG = 0.05  # share of empty responses that counts as a pathology
+TOKENS_FLAG = 2.0  # mean tokens per response this many times (or 1/this of) the parent's
+HEALTH_RULE = (f"flagged when >= {HIT_MAX_FLAG:.0%} of responses hit max_new_tokens and >= "
+               f"{HIT_MAX_VS_PARENT:g}x the parent's share, when >= {EMPTY_FLAG:.0%} are empty, or when mean "
+               f"tokens per response is >= {TOKENS_FLAG:g}x or <= 1/{TOKENS_FLAG:g} of the parent's")
+NOT_4BIT = "not a 4-bit deployment figure"
+
+
+@dataclass
+class Health:
+    model: str
+    source: str  # a generative task name, or "speed benchmark"
+    n: int | None
+    hit_max_share: float | None
+    empty_share: float | None
+    mean_tokens: float | None
+    flags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Deploy:
+    model: str
+    size_bytes: int | None
+    size_reduction_pct: float | None  # vs parent, % of the parent's size
+    latency_s: float | None
+    latency_p95_s: float | None
+    ttft_s: float | None
+    tokens_per_response: float | None
+    tokens_per_s: float | None
+    peak_bytes: float | None
+    backend: str | None  # how speed/memory were measured (from the metrics' info)
+    weights: str | None  # "packed" | "decompressed"
+    measured: str | None  # "process peak RSS" | "CUDA allocator peak"
+    speedup: float | None = None
+    speedup_note: str = ""  # why there is no speed-up number, or its caveat
+    mem_reduction_bytes: float | None = None
+    mem_reduction_pct: float | None = None
+    caveat: str = ""  # NOT_4BIT when a quantized model ran with decompressed weights
+
+
+def _metric(metrics: dict[str, tuple[float | None, dict[str, Any]]], name: str) -> float | None:
+    v = metrics.get(name, (None, {}))[0]
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+
+def deploy_row(model: str, role: str, size: int | None, metrics: dict[str, tuple[float | None, dict[str, Any]]],
+               parent: Deploy | None) -> Deploy:
+    info = metrics.get("speed.latency_mean_s", metrics.get("memory.peak_bytes", (None, {})))[1]
+    mem_info = metrics.get("memory.peak_bytes", (None, info))[1]
+    d = Deploy(model, size, None, _metric(metrics, "speed.latency_mean_s"), _metric(metrics, "speed.latency_p95_s"),
+               _metric(metrics, "speed.ttft_mean_s"), _metric(metrics, "speed.tokens_per_response"),
+               _metric(metrics, "speed.tokens_per_s"), _metric(metrics, "memory.peak_bytes"),
+               info.get("backend"), info.get("weights") or mem_info.get("weights"),
+               mem_info.get("measured") or info.get("measured"))
+    if role == "quantized" and d.weights == "decompressed":
+        d.caveat = NOT_4BIT
+    if parent is None:
+        return d
+    if size and parent.size_bytes:
+        d.size_reduction_pct = 100 * (parent.size_bytes - size) / parent.size_bytes
+    if d.peak_bytes is not None and parent.peak_bytes:
+        d.mem_reduction_bytes = parent.peak_bytes - d.peak_bytes
+        d.mem_reduction_pct = 100 * d.mem_reduction_bytes / parent.peak_bytes
+    if d.latency_s and parent.latency_s:
+        tok, ptok = d.tokens_per_response, parent.tokens_per_response
+        if tok and ptok and max(tok / ptok, ptok / tok) >= TOKENS_COMPARABLE:
+            d.speedup_note = (f"no speed-up: generates {tok / ptok:.1f}x the tokens per response of "
+                              f"{parent.model} ({tok:.0f} vs {ptok:.0f}); latencies are not comparable")
+        else:
+            d.speedup = parent.latency_s / d.latency_s
+            if not (tok and ptok):
+                d.speedup_note = "tokens per response not recorded: equal generation length not verified"
+    return d
+
+
+def _empty(r: ItemRecord) -> bool:
+    text = r.details.get("text", r.prediction)
+    return not str(text or "").strip()
+
+
+def health_rows(model: str, items: dict[str, list[ItemRecord]], metrics: dict[str, tuple[float | None, dict]],
+                parent_rows: list[Health] | None) -> list[Health]:
+    """Health per generative task (from items) and for the speed benchmark (from metrics), with flags."""
+    rows = []
+    for task, recs in items.items():
+        gen = [r for r in recs if r.n_tokens is not None]
+        if gen:
+            rows.append(Health(model, task, len(gen), sum(bool(r.hit_max) for r in gen) / len(gen),
+                               sum(_empty(r) for r in gen) / len(gen), sum(r.n_tokens for r in gen) / len(gen)))
+    bench = [_metric(metrics, k) for k in ("speed.hit_max_share", "speed.empty_share", "speed.tokens_per_response")]
+    if any(v is not None for v in bench):
+        rows.append(Health(model, "speed benchmark", None, *bench))
+    by_source = {h.source: h for h in parent_rows or []}
+    for h in rows:
+        h.flags = _flags(h, by_source.get(h.source))
+    return rows
+
+
+def _flags(h: Health, parent: Health | None) -> list[str]:
+    out = []
+    p_hit = parent.hit_max_share if parent else None
+    if h.hit_max_share is not None and h.hit_max_share >= HIT_MAX_FLAG and (
+            not p_hit or h.hit_max_share >= HIT_MAX_VS_PARENT * p_hit):
+        out.append(f"{h.hit_max_share:.0%} of responses hit max_new_tokens"
+                   + (f" (parent {p_hit:.0%})" if p_hit is not None else ""))
+    if h.empty_share is not None and h.empty_share >= EMPTY_FLAG:
+        out.append(f"{h.empty_share:.0%} empty responses")
+    if parent and h.mean_tokens and parent.mean_tokens:
+        r = h.mean_tokens / parent.mean_tokens
+        if r >= TOKENS_FLAG or r <= 1 / TOKENS_FLAG:
+            out.append(f"{r:.1f}x the parent's tokens per response ({h.mean_tokens:.0f} vs {parent.mean_tokens:.0f})")
+    return out

@@ -1,0 +1,127 @@
+"""Pairwise comparison tables (method, calibration size, training), fidelity, technical details."""
+
+from __future__ import annotations
+
+import json
+
+from quantstudy import stats
+from quantstudy.report import cells
+from quantstudy.report import document as d
+from quantstudy.report.analysis import Analysis, Pair, PairKind
+from quantstudy.report.deploy import HEALTH_RULE
+from quantstudy.report.document import Code, Document, Heading, Image, Para, Table
+from quantstudy.report.recommend import RULE_PAIR, pair_verdict
+
+_TITLES = {PairKind.method: "Method comparison at equal calibration",
+           PairKind.calibration: "Calibration size at equal method",
+           PairKind.training: "Training effect at equal quantization"}
+
+
+def pair_table(doc: Document, a: Analysis, p: Pair) -> None:
+    comps = a.between(p.ref, p.other)
+    if not comps:  # planned the other way round (an earlier table compared them already)
+        comps = a.between(p.other, p.ref)
+    ref, other = (comps[0].ref, comps[0].other) if comps else (p.ref, p.other)
+    rows = [[c.label, cells.value(c.kind, c.ref_value), cells.value(c.kind, c.other_value), cells.diff(c),
+             cells.flips(c), cells.p(c), str(c.n), cells.mde(c), cells.verdict(c)] for c in comps]
+    ra, rb = a.model(ref), a.model(other)
+    if ra.size_bytes and rb.size_bytes:
+        smaller = d.DASH if ra.size_bytes == rb.size_bytes else min((ra, rb), key=lambda m: m.size_bytes).name
+        rows.append(["size on disk", d.size(ra.size_bytes), d.size(rb.size_bytes),
+                     f"{100 * (rb.size_bytes - ra.size_bytes) / ra.size_bytes:+.1f}%", d.DASH, d.DASH, d.DASH, d.DASH,
+                     f"smaller: {smaller} (exact)"])
+    da, db = a.deploy_of(ref), a.deploy_of(other)
+    for label, x, y, fmt in (("latency mean", da.latency_s, db.latency_s, d.secs),
+                             ("peak memory", da.peak_bytes, db.peak_bytes, d.size)):
+        if x and y:
+            rows.append([label, fmt(x), fmt(y), f"{100 * (y - x) / x:+.1f}%", d.DASH, d.DASH, d.DASH, d.DASH,
+                         "not tested (one measurement)"])
+    win = pair_verdict(comps)
+    doc.add(Heading(3, p.title))
+    doc.add(Table(["metric", ref, other, "Δ [95%]", "flips", "p raw / Holm", "n", "MDE", "winner"], rows,
+                  f"Overall: {'prefer ' + win if win else 'no preference'} ({RULE_PAIR})."))
+
+
+def pairs(doc: Document, a: Analysis) -> None:
+    for kind, title in _TITLES.items():
+        ps = a.pairs_of(kind)
+        if ps:
+            doc.add(Heading(2, title))
+            for p in ps:
+                pair_table(doc, a, p)
+            doc.add(Para(cells.COMPARE_NOTE))
+
+
+def training(doc: Document, a: Analysis) -> None:
+    if not a.training:
+        return
+    doc.add(Heading(2, "Training"))
+    rows = []
+    for name, t in a.training.items():
+        m, loss = t["metrics"], t["loss"]
+        first = f"{loss[0][1]:.3f} (step {loss[0][0]:g})" if loss else d.DASH
+        rows.append([name, a.model(name).describe, d.secs(m.get("train.seconds")), first,
+                     d.num(m.get("train.final_loss"), 3), d.size(m.get("train.peak_rss_bytes")),
+                     d.DASH if m.get("train.tokens") is None else f"{m['train.tokens']:.0f}"])
+    doc.add(Table(["model", "training", "wall time", "first loss", "final loss", "peak memory", "tokens"], rows))
+    if any(t["loss"] for t in a.training.values()):
+        doc.add(Image("train_loss", "Training loss per step"))
+    for p in a.pairs_of(PairKind.parent):
+        if a.model(p.other).role == "trained":
+            pair_table(doc, a, Pair(PairKind.parent, p.ref, p.other, f"{p.other} vs {p.ref}: trained vs base, original"))
+    if not a.pairs_of(PairKind.training):
+        doc.add(Para("No quantized pair of base and trained models with equal settings."))
+
+
+_FID = [("kl_mean", "KL mean (nats/token)", 4), ("kl_p99", "KL p99", 4), ("top1_agree", "top-1 agreement", None),
+        ("ppl_ratio", "ppl ratio", 4), ("dp_rms", "RMS Δp(correct)", 4), ("answer_change_share", "answer changes", None)]
+
+
+def fidelity(doc: Document, a: Analysis) -> None:
+    if not a.fidelity:
+        return
+    doc.add(Heading(2, "Fidelity vs parent"))
+    rows = []
+    for name, f in a.fidelity.items():
+        comps = [c for c in a.between(a.model(name).parent, name) if c.right_to_wrong is not None]
+        row = [name, d.size(a.model(name).size_bytes)]
+        row += [d.pct(f.get(k)) if digits is None else d.num(f.get(k), digits) for k, _, digits in _FID]
+        row.append(", ".join(f"{c.task} {d.pts(c.diff)} ({c.right_to_wrong}/{c.wrong_to_right})" for c in comps)
+                   or d.DASH)
+        rows.append(row)
+    doc.add(Table(["model", "size"] + [label for _, label, _ in _FID] + ["accuracy Δ (flips R→W/W→R)"], rows,
+                  "KL(parent || model) per token on held-out text, top-1 agreement of next-token predictions, "
+                  "perplexity ratio model / parent, and the share of multiple-choice items whose chosen answer "
+                  "changed (from the fidelity stage's metrics)."))
+    doc.add(Image("kl_vs_size", "Mean KL divergence vs size on disk"))
+
+
+def technical(doc: Document, a: Analysis) -> None:
+    doc.add(Heading(2, "Technical details"))
+    doc.add(Table(["model", "role", "parent", "settings", "path", "weights hash"],
+                  [[m.name, m.role, m.parent or d.DASH, m.describe, f"`{m.path}`", (m.weights_hash or d.DASH)[:16]]
+                   for m in a.models]))
+    doc.add(Para(f"Statistics: Wilson 95% intervals for accuracies; exact McNemar test (two-sided binomial on "
+                 f"discordant items) for paired right/wrong outcomes; paired percentile bootstrap "
+                 f"({stats.BOOT_RESAMPLES} resamples of items, seed {stats.BOOT_SEED}) for F1, perplexity, every "
+                 f"difference interval and every retention interval; Holm correction over all "
+                 f"{len(a.comparisons)} paired comparisons in this report; alpha {stats.ALPHA}; MDE at "
+                 f"{stats.POWER:.0%} power. Generation health: {HEALTH_RULE}."))
+    speed = [[dep.model, dep.backend or d.DASH, dep.weights or d.DASH, dep.measured or d.DASH, dep.caveat or d.DASH]
+             for dep in (a.deploy_of(m.name) for m in a.models) if dep.backend or dep.measured]
+    if speed:
+        doc.add(Table(["model", "backend", "weights", "memory measured as", "caveat"], speed))
+    meta = a.meta
+    cfg = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    ev = cfg.get("evaluate") or {}
+    facts = [["seed", str(cfg.get("seed", d.DASH))], ["evaluation limit", f"{ev.get('limit')} ({ev.get('limit_mode')})"],
+             ["evaluation seed", str(ev.get("seed", d.DASH))], ["data directory", str(cfg.get("data_dir") or "hub")],
+             ["data", json.dumps(meta["data"]) if "data" in meta else d.DASH],
+             ["device", str(meta.get("device", d.DASH))]] if cfg else []
+    for key in ("versions", "hardware"):
+        if isinstance(meta.get(key), dict):
+            facts += [[f"{key}: {k}", str(v)] for k, v in meta[key].items()]
+    if facts:
+        doc.add(Table(["setting", "value"], facts))
+    if cfg:
+        doc.add(Para("Study configuration (as run):"), Code(json.dumps(cfg, indent=2, sort_keys=True)))

@@ -1,0 +1,117 @@
+"""Executive summary, model comparison, ranking and recommendations."""
+
+from __future__ import annotations
+
+from quantstudy.report import cells
+from quantstudy.report import document as d
+from quantstudy.report.analysis import Analysis, PairKind
+from quantstudy.report.deploy import Deploy
+from quantstudy.report.document import Bullets, Document, Heading, Image, Para, Table
+from quantstudy.report.items import Kind
+from quantstudy.report.recommend import RankRow, Recommendation
+
+
+def _mean_retention(a: Analysis, name: str) -> float | None:
+    m = a.model(name)
+    rs = [c.ratio for c in a.between(m.parent, name) if c.kind == Kind.binary and c.ratio is not None] if m.parent else []
+    return sum(rs) / len(rs) if rs else None
+
+
+def speed_text(dep: Deploy) -> str:
+    if dep.speedup is not None:
+        return f"{dep.speedup:.2f}x" + (f" ({dep.speedup_note})" if dep.speedup_note else "")
+    return dep.speedup_note or d.DASH
+
+
+def memory_text(dep: Deploy) -> str:
+    if dep.mem_reduction_bytes is None:
+        return d.DASH
+    return f"{d.size(dep.mem_reduction_bytes)} ({dep.mem_reduction_pct:.1f}%)"
+
+
+def _how(dep: Deploy) -> str:
+    parts = [x for x in (dep.measured, f"{dep.weights} weights" if dep.weights else None, dep.backend) if x]
+    return ", ".join(parts) + (f"; {dep.caveat}" if dep.caveat else "")
+
+
+def summary(doc: Document, a: Analysis, recs: list[Recommendation]) -> None:
+    doc.add(Heading(2, "Executive summary"))
+    out = []
+    n_items = ", ".join(f"{t} n={n}" for t, (n, _, _) in a.design_mde.items())
+    out.append(f"{len(a.models)} models on {len(a.tasks)} tasks ({n_items or 'no right/wrong tasks'}).")
+    out += [f"**{r.topic.capitalize()}**: {r.verdict}" for r in recs if r.topic in ("most accurate", "deployment")]
+    for m in a.models:
+        if not m.parent:
+            continue
+        comps = a.between(m.parent, m.name)
+        dep = a.deploy_of(m.name)
+        worse = [c.label for c in comps if c.better == c.ref]
+        better = [c.label for c in comps if c.better == m.name]
+        rw = sum(c.right_to_wrong or 0 for c in comps)
+        wr = sum(c.wrong_to_right or 0 for c in comps)
+        ret = _mean_retention(a, m.name)
+        text = (f"**{m.name}** ({m.describe}) vs {m.parent}: mean retention {d.pct(ret)}"
+                f"{' (within noise)' if ret and ret > 1 and not better else ''}; "
+                f"significantly worse on {', '.join(worse) or 'no task'}, better on {', '.join(better) or 'no task'} "
+                f"(Holm); flips {rw} right→wrong / {wr} wrong→right")
+        if dep.size_reduction_pct is not None:
+            text += f"; size {d.size(dep.size_bytes)} ({-dep.size_reduction_pct:+.1f}%)"
+        if dep.mem_reduction_bytes is not None:
+            text += f"; peak memory {memory_text(dep)} lower ({_how(dep)})"
+        if dep.speedup is not None or dep.speedup_note:
+            text += f"; speed-up {speed_text(dep)}"
+        out.append(text + ".")
+    flags = [f"{h.model} ({h.source}): {'; '.join(h.flags)}" for h in a.health if h.flags]
+    out.append("**Generation health**: " + ("; ".join(flags) if flags else "no pathology flagged") + ".")
+    if a.design_mde:
+        t, (n, p0, mde) = min(a.design_mde.items(), key=lambda kv: kv[1][0])
+        out.append(f"**What n can show**: on {t} (n={n}, baseline {d.pct(p0)}) an independent-samples test detects "
+                   f"only drops of {100 * mde:.1f} points or more with 80% power; the paired tests used here do "
+                   f"better (MDE per comparison in the tables), but a 'tie' never means 'equal'.")
+    out += [f"Warning: {w}" for w in a.warnings]
+    doc.add(Bullets(out))
+
+
+def models_table(doc: Document, a: Analysis) -> None:
+    doc.add(Heading(2, "Model comparison"))
+    rows = []
+    for m in a.models:
+        dep = a.deploy_of(m.name)
+        rows.append([m.name, m.role, m.describe, f"{d.pct(m.mean_acc)} ({len(m.acc_tasks)} tasks)",
+                     d.pct(_mean_retention(a, m.name)), d.size(m.size_bytes),
+                     d.DASH if dep.size_reduction_pct is None else f"{dep.size_reduction_pct:.1f}%"])
+    doc.add(Table(["model", "role", "method", "mean accuracy", "mean retention vs parent", "size on disk",
+                   "size reduction"], rows,
+                  "Mean accuracy: unweighted mean of each task's right/wrong metric (acc, or exact match). Retention "
+                  "= model / parent per task, averaged; intervals per task are in the task details."))
+    if any(dep.latency_s or dep.peak_bytes for dep in a.deploy):
+        rows = [[dep.model, d.secs(dep.latency_s), d.secs(dep.latency_p95_s), d.secs(dep.ttft_s),
+                 d.num(dep.tokens_per_response, 1), d.num(dep.tokens_per_s, 1), speed_text(dep),
+                 d.size(dep.peak_bytes), memory_text(dep), _how(dep)] for dep in
+                (a.deploy_of(m.name) for m in a.models)]
+        doc.add(Table(["model", "latency mean", "latency p95", "TTFT", "tokens/response", "tokens/s",
+                       "speed-up vs parent", "peak memory", "memory reduction", "how measured"], rows,
+                      "Speed-up = parent latency / model latency (>1 = faster), shown only when tokens per response "
+                      "differ by less than 1.25x. Memory reduction = parent peak - model peak. Single measurements, "
+                      "no significance test."))
+
+
+def ranking(doc: Document, a: Analysis, rows: list[RankRow]) -> None:
+    doc.add(Heading(2, "Ranking"))
+    doc.add(Table(["rank", "model", "mean accuracy", "size on disk", "Pareto front", "better than parent",
+                   "worse than parent"],
+                  [[str(r.rank), r.model, d.pct(r.mean_acc), d.size(r.size_bytes), "yes" if r.pareto else "no",
+                    ", ".join(r.better) or d.DASH, ", ".join(r.worse) or d.DASH] for r in rows],
+                  "Ordered by mean accuracy (point estimate); adjacent ranks are not tested against each other. "
+                  "Better/worse: Holm-significant paired tests against the parent."))
+    doc.add(Image("accuracy_vs_size", "Mean accuracy vs size on disk with the Pareto front"))
+
+
+def recommendations(doc: Document, a: Analysis, recs: list[Recommendation]) -> None:
+    doc.add(Heading(2, "Recommendations"))
+    if not recs:
+        doc.add(Para("No recommendation: the study has a single model."))
+    doc.add(Table(["topic", "recommendation", "rule"], [[r.topic, r.verdict, r.rule] for r in recs]))
+    if a.pairs_of(PairKind.method) or a.pairs_of(PairKind.calibration):
+        doc.add(Para("Pairs without a preference are not evidence that the settings are equivalent: see n and MDE "
+                     "in the comparison tables."))

@@ -1,0 +1,96 @@
+"""Per-task results: overview table, per-task detail vs parent, flips, MMLU breakdown, generation health."""
+
+from __future__ import annotations
+
+from quantstudy.report import cells
+from quantstudy.report import document as d
+from quantstudy.report.analysis import Analysis
+from quantstudy.report.deploy import HEALTH_RULE
+from quantstudy.report.document import Document, Heading, Image, Para, Table
+from quantstudy.report.items import Kind, Score
+
+
+def per_task(doc: Document, a: Analysis) -> None:
+    doc.add(Heading(2, "Per-task results"))
+    names = [m.name for m in a.models]
+    rows = [[f"{mt.task} {mt.name}"] + [cells.score(a.score(n, mt.task, mt.name)) for n in names] for mt in a.metrics]
+    mde = {t: f"{100 * v:.1f} pt" for t, (_, _, v) in a.design_mde.items()}
+    for row, mt in zip(rows, a.metrics):
+        n = max((s.n for s in a.scores if (s.task, s.metric) == (mt.task, mt.name)), default=0)
+        row[1:1] = [str(n), mde.get(mt.task, d.DASH) if mt.kind == Kind.binary else d.DASH]
+    doc.add(Table(["task metric", "n", "design MDE"] + names, rows,
+                  "Score [95% interval]: Wilson for right/wrong metrics, percentile bootstrap (2000 resamples) for F1 "
+                  "and perplexity. Design MDE: the accuracy drop an unpaired two-sample test of n vs n items "
+                  "detects with 80% power at the baseline's accuracy (Cohen's h; conservative for paired tests)."))
+    doc.add(Image("per_task", "Per-task scores with 95% intervals"))
+    for mt in a.metrics:
+        doc.add(Heading(3, f"{mt.task}: {mt.name}"))
+        rows = []
+        for m in a.models:
+            s = a.score(m.name, mt.task, mt.name)
+            cs = a.between(m.parent, m.name) if m.parent else []
+            c = next((c for c in cs if (c.task, c.metric) == (mt.task, mt.name)), None)
+            if c is None:
+                rows.append([m.name, cells.score(s), m.parent or "(reference)"] + [d.DASH] * 7)
+                continue
+            rows.append([m.name, cells.score(s), m.parent or "", cells.diff(c), cells.retention(c), cells.flips(c),
+                         cells.p(c), str(c.n), cells.mde(c), cells.verdict(c)])
+        doc.add(Table(["model", "score [95%]", "vs", "Δ vs parent [95%]", "retention [95%]",
+                       "flips (R→W / W→R)", "p raw / Holm", "n", "MDE", "winner"], rows))
+    doc.add(Para(cells.COMPARE_NOTE + " Retention = model / parent with its paired-bootstrap interval; above 100% "
+                 "it is reported as within noise unless the gain is significant."))
+
+
+def flips(doc: Document, a: Analysis) -> None:
+    comps = [c for c in a.comparisons if c.right_to_wrong is not None and a.model(c.other).parent == c.ref]
+    if not comps:
+        return
+    doc.add(Heading(2, "Flips vs parent"))
+    doc.add(Table(["model", "vs", "task", "accuracy Δ", "right→wrong", "wrong→right", "changed share", "n"],
+                  [[c.other, c.ref, c.task, d.pts(c.diff), str(c.right_to_wrong), str(c.wrong_to_right),
+                    d.pct((c.right_to_wrong + c.wrong_to_right) / c.n), str(c.n)] for c in comps],  # type: ignore[operator]
+                  "Items answered right by the parent and wrong by the model, and the reverse: accuracy can stay "
+                  "flat while many answers change."))
+    doc.add(Image("flips", "Right→wrong and wrong→right flips per model and task"))
+
+
+def _breakdown(doc: Document, a: Analysis, scores: list[Score], what: str) -> None:
+    names = [m.name for m in a.models]
+    base = next((m.name for m in a.models if m.role == "baseline"), names[0])
+    groups = sorted({s.task for s in scores})
+    by = {(s.model, s.task): s for s in scores}
+    rows = []
+    for g in groups:
+        n = max(s.n for s in scores if s.task == g)
+        row = [g, str(n)]
+        for name in names:
+            s, ref = by.get((name, g)), by.get((base, g))
+            text = cells.score(s)
+            if s and ref and name != base:
+                text += f" ({d.pts(s.value - ref.value)})"
+            row.append(text)
+        rows.append(row)
+    doc.add(Table([what, "n"] + names, rows, f"Accuracy [Wilson 95%] per {what}, micro-averaged over its questions "
+                  f"(lm-eval's document-weighted aggregate); (Δ vs {base}) is descriptive, not tested."))
+
+
+def mmlu(doc: Document, a: Analysis) -> None:
+    if not a.mmlu_category and not a.mmlu_subject:
+        return
+    doc.add(Heading(2, "MMLU by category and subject"))
+    if a.mmlu_category:
+        doc.add(Heading(3, "By category"))
+        _breakdown(doc, a, a.mmlu_category, "category")
+    if a.mmlu_subject:
+        doc.add(Heading(3, "By subject"))
+        _breakdown(doc, a, a.mmlu_subject, "subject")
+
+
+def health(doc: Document, a: Analysis) -> None:
+    if not a.health:
+        return
+    doc.add(Heading(2, "Generation health"))
+    doc.add(Table(["model", "source", "n", "hit max_new_tokens", "empty", "mean tokens/response", "flags"],
+                  [[h.model, h.source, d.DASH if h.n is None else str(h.n), d.pct(h.hit_max_share),
+                    d.pct(h.empty_share), d.num(h.mean_tokens, 1), "; ".join(h.flags) or "ok"] for h in a.health],
+                  f"Generative evaluation items and the speed benchmark's prompts; {HEALTH_RULE}."))

@@ -1,0 +1,173 @@
+"""The study recipe, top to bottom: model -> [train] -> quantize -> evaluate -> fidelity -> report.
+
+Each stage's output is cached in the store under a key that hashes everything that can
+change it (model content, settings, data sample ids, library versions). A stage whose key
+is recorded `done` is skipped, so a re-run computes only what changed and a killed run
+resumes where it stopped (artifacts are renamed into place before `done` is recorded).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from quantstudy import environment
+from quantstudy.config import Variant, expand_variants
+from quantstudy.context import RunContext
+from quantstudy.models import (SourceKind, check_model_dir, classify, file_sha256, builtin_gguf,
+                               resolve_source, weights_hash, weights_size)
+from quantstudy.store import ModelRecord
+
+BASE, TRAINED = "base", "trained"
+
+
+def key_of(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+@dataclass
+class Step:
+    stage: str  # resolve | train | quantize | evaluate | measure | fidelity | report
+    model: str
+    key: str
+    cached: bool = False
+    seconds: float | None = None
+    note: str = ""
+    parents: list[str] = field(default_factory=list)
+
+
+def source_fingerprint(ctx: RunContext) -> str:
+    """Identity of the baseline weights, cheap enough to compute at every plan."""
+    m, base = ctx.cfg.model, ctx.config_dir
+    kind = classify(m.source, base)
+    if kind == SourceKind.builtin:
+        return key_of("builtin", m.source, file_sha256(builtin_gguf(m.source)))
+    if kind == SourceKind.gguf:
+        p = Path(m.source) if Path(m.source).is_absolute() else base / m.source
+        return key_of("gguf", file_sha256(p) if p.is_file() else str(p))
+    if kind == SourceKind.local:
+        p = Path(m.source) if Path(m.source).is_absolute() else base / m.source
+        check_model_dir(p)
+        # name/size/mtime of the weight files: hashing 8 GB at every plan would cost ~30 s
+        files = sorted((f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in p.iterdir() if f.is_file())
+        return key_of("local", str(p.resolve()), files)
+    return key_of("hub", m.source, m.revision or "main")
+
+
+def plan(ctx: RunContext) -> list[Step]:
+    """The ordered list of stages the study needs, each marked cached or to run."""
+    cfg, store, versions = ctx.cfg, ctx.store, environment.versions()
+    variants = expand_variants(cfg)
+    steps = [Step("resolve", BASE, key_of("resolve", source_fingerprint(ctx), m_dtype(ctx)))]
+    roots = [(BASE, steps[0].key)]
+    if cfg.train is not None:
+        steps.append(Step("train", TRAINED, key_of("train", steps[0].key, cfg.train, versions), parents=[BASE]))
+        roots.append((TRAINED, steps[-1].key))
+    for root, root_key in roots:
+        for v in variants:
+            name = v.name if root == BASE else f"{TRAINED}-{v.name}"
+            steps.append(Step("quantize", name, key_of("quantize", root_key, v, versions), parents=[root]))
+    model_keys = {s.model: s.key for s in steps}
+    for name, mkey in list(model_keys.items()):
+        if cfg.evaluate is not None:
+            steps.append(Step("evaluate", name, key_of("evaluate", mkey, cfg.evaluate, ctx.data_id, versions)))
+            if cfg.evaluate.speed is not None:
+                steps.append(Step("measure", name, key_of("measure", mkey, cfg.evaluate.speed, versions)))
+    if cfg.fidelity is not None:
+        for s in [s for s in steps if s.stage == "quantize"]:
+            parent = s.parents[0]
+            steps.append(Step("fidelity", s.model, key_of("fidelity", s.key, model_keys[parent], cfg.fidelity,
+                                                           cfg.evaluate, ctx.data_id, versions), parents=[parent]))
+    for s in steps:
+        s.cached = store.stage_done(s.key) is not None
+    return steps
+
+
+def m_dtype(ctx: RunContext) -> str:
+    return ctx.cfg.model.dtype.value
+
+
+def variant_of(ctx: RunContext, name: str) -> Variant:
+    plain = name.removeprefix(f"{TRAINED}-")
+    return next(v for v in expand_variants(ctx.cfg) if v.name == plain)
+
+
+def run_step(ctx: RunContext, step: Step) -> None:
+    """Run one stage and record it done (the artifact is already in place when it returns)."""
+    store, models_dir = ctx.store, ctx.study_dir / "models"
+    models_dir.mkdir(parents=True, exist_ok=True)
+    store.stage_start(step.key, step.stage, step.model)
+    t0 = time.perf_counter()
+    artifact: str | None = None
+    if step.stage == "resolve":
+        path = resolve_source(ctx.cfg.model.source, ctx.cfg.model.revision, ctx.config_dir, models_dir)
+        rec = ModelRecord(BASE, "baseline", str(path), spec={"source": ctx.cfg.model.source,
+                          "kind": classify(ctx.cfg.model.source, ctx.config_dir).value, "describe": "baseline"},
+                          size_bytes=weights_size(path), weights_hash=weights_hash(path),
+                          versions=environment.versions())
+        _replace_model(ctx, rec, step.key)
+        artifact = str(path)
+    elif step.stage == "train":
+        from quantstudy.train import train_model
+
+        rec = train_model(ctx, _model(ctx, step.parents[0]), models_dir / TRAINED)
+        rec.name, rec.size_bytes = TRAINED, weights_size(Path(rec.path))
+        rec.weights_hash, rec.versions = weights_hash(Path(rec.path)), environment.versions()
+        _replace_model(ctx, rec, step.key)
+        artifact = rec.path
+    elif step.stage == "quantize":
+        from quantstudy.quantize import quantize_model
+
+        rec = quantize_model(ctx, variant_of(ctx, step.model), _model(ctx, step.parents[0]), step.model,
+                             models_dir / step.model)
+        _replace_model(ctx, rec, step.key)
+        artifact = rec.path
+    elif step.stage == "evaluate":
+        from quantstudy.evaluate import evaluate_model
+
+        evaluate_model(ctx, _model(ctx, step.model))
+    elif step.stage == "measure":
+        from quantstudy.measure import measure_model
+
+        measure_model(ctx, _model(ctx, step.model))
+    elif step.stage == "fidelity":
+        from quantstudy.fidelity import fidelity_model
+
+        fidelity_model(ctx, _model(ctx, step.model), _model(ctx, step.parents[0]))
+    step.seconds = time.perf_counter() - t0
+    store.stage_finish(step.key, artifact, {"seconds": step.seconds})
+
+
+def _model(ctx: RunContext, name: str) -> ModelRecord:
+    rec = ctx.store.model(name)
+    assert rec is not None, f"stage order: model {name} has not been produced yet"
+    return rec
+
+
+def _replace_model(ctx: RunContext, rec: ModelRecord, key: str) -> None:
+    """A model made anew invalidates every result computed on its previous weights."""
+    old = ctx.store.model(rec.name)
+    rec.spec = {**rec.spec, "stage_key": key}
+    if old is not None and old.weights_hash != rec.weights_hash:
+        ctx.store.forget_results(rec.name)
+    ctx.store.put_model(rec)
+
+
+def run_study(ctx: RunContext, formats: set[str] | None = None) -> list[Step]:
+    environment.record(ctx)
+    steps = plan(ctx)
+    todo = [s for s in steps if not s.cached]
+    ctx.console.print(f"[bold]{ctx.cfg.name}[/]: {len(steps)} stages, {len(steps) - len(todo)} cached, "
+                      f"{len(todo)} to run")
+    for i, s in enumerate(todo, 1):
+        ctx.console.rule(f"[{i}/{len(todo)}] {s.stage} {s.model}")
+        run_step(ctx, s)
+        ctx.console.print(f"  done in {s.seconds:.1f} s")
+    from quantstudy.report import write_report
+
+    paths = write_report(ctx.store, ctx.study_dir, formats or {"md", "html", "json"})
+    ctx.console.print("report: " + ", ".join(str(p) for p in paths))
+    return steps

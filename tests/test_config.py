@@ -1,0 +1,70 @@
+"""Study config: list expansion, readable names, and errors that name field, value and fix."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from quantstudy.config import expand_variants, load_config, parse_config
+from quantstudy.errors import QuantStudyError
+
+BASE = {"name": "s", "model": {"source": "smollm2-135m-instruct"}}
+
+
+def cfg(**kw):
+    return parse_config({**BASE, **kw})
+
+
+def test_lists_expand_to_cross_product_with_readable_names():
+    c = cfg(quantize=[{"method": ["gptq", "awq"], "group_size": 128, "calibration": {"samples": [215, 512]}}])
+    names = [v.name for v in expand_variants(c)]
+    assert names == ["gptq-w4g128-c215", "gptq-w4g128-c512", "awq-w4g128-c215", "awq-w4g128-c512"]
+    assert [v.calibration.samples for v in expand_variants(c)] == [215, 512, 215, 512]
+
+
+def test_rtn_needs_no_calibration_and_is_not_duplicated_over_sample_counts():
+    c = cfg(calibration={"samples": [64, 128]}, quantize=[{"method": ["rtn", "gptq"], "group_size": [64, "channel"],
+                                                          "symmetric": [True, False]}])
+    vs = expand_variants(c)
+    rtn = [v for v in vs if v.method.value == "rtn"]
+    assert {v.name for v in rtn} == {"rtn-w4g64", "rtn-w4g64-asym", "rtn-w4ch", "rtn-w4ch-asym"}
+    assert all(v.calibration is None for v in rtn)
+    assert len(vs) == 4 + 2 * 2 * 2
+
+
+@pytest.mark.parametrize("data, needle", [
+    ({**BASE, "quantise": []}, "quantise: unknown field. Fix: did you mean `quantize`?"),
+    ({**BASE, "quantize": [{"method": "gtpq"}]}, "did you mean 'gptq'"),
+    ({**BASE, "quantize": [{"method": "gptq", "bits": 5}]}, "weight bits must be 3, 4 or 8"),
+    ({**BASE, "quantize": [{"method": "gptq", "group_size": 100}]}, "group_size must be 32, 64, 128 or 'channel'"),
+    ({**BASE, "calibration": {"samples": 0}}, "calibration.samples"),
+    ({**BASE, "calibration": {"source": "jsonl"}}, "needs `path:`"),
+    ({"name": "s"}, "model: required field is missing"),
+    ({**BASE, "model": {"source": "x", "trust_remote_code": "maybe"}}, "model.trust_remote_code"),
+    ({**BASE, "evaluate": {"tasks": ["arc_easy"], "limt": 5}}, "evaluate.limt: unknown field. Fix: did you mean `limit`?"),
+    ({**BASE, "seed": "abc"}, "seed"),
+])
+def test_errors_name_field_value_and_fix(data, needle):
+    with pytest.raises(QuantStudyError) as e:
+        parse_config(data)
+    assert needle in str(e.value)
+    assert "Fix:" in str(e.value)
+
+
+def test_duplicate_variants_are_refused():
+    with pytest.raises(QuantStudyError, match="same variant"):
+        expand_variants(cfg(quantize=[{"method": "gptq"}, {"method": "gptq"}]))
+
+
+def test_yaml_cannot_construct_python_objects(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text("name: !!python/object/apply:os.system ['echo hacked']\nmodel: {source: x}\n")
+    with pytest.raises(QuantStudyError, match="not valid YAML"):
+        load_config(p)
+
+
+def test_config_roundtrips_through_yaml(tmp_path):
+    c = cfg(quantize=[{"method": "gptq", "group_size": 64}])
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump(c.model_dump(mode="json")))
+    assert load_config(p) == c
