@@ -184,9 +184,9 @@ def quantize_model(ctx: Any, v: Variant, parent: Any, name: str, out_dir: Path) 
         if v.calibration is not None:
             train_pool = None
             if v.calibration.source.value == "train":
-                from quantstudy.train_data import training_conversations
+                from quantstudy.train import plan_samples
 
-                train_pool = training_conversations(ctx)
+                train_pool = plan_samples(ctx)[0]  # the exact samples the model was trained on
             calib = build_calibration(v.calibration, tok, ctx.data_dir, ctx.config_dir, train_pool)
             dataset = tokenize(calib, tok, v.calibration.max_seq_len)
             ctx.console.print(f"  calibration: {len(calib.ids)} {v.calibration.source.value} samples, "
