@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import itertools
+import re
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
@@ -143,6 +144,14 @@ class QuantizeEntry(Strict):
     calibration: CalibrationConfig | None = None  # per-entry override of the study's
     name: str | None = None  # explicit name; only allowed when the entry expands to one
 
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str | None) -> str | None:
+        # a variant name becomes a directory under <study>/models: keep it inside
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", v):
+            raise ValueError("variant name may use letters, digits, '.', '_' and '-' only (it names a folder)")
+        return v
+
     @field_validator("bits")
     @classmethod
     def _bits(cls, v: int | list[int]) -> int | list[int]:
@@ -272,8 +281,8 @@ class StudyConfig(Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not v or any(c in v for c in "/\\\0") or v.startswith("."):
-            raise ValueError("study name must be a plain name (no slashes, not starting with '.')")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", v):
+            raise ValueError("study name may use letters, digits, '.', '_' and '-' only")
         return v
 
 

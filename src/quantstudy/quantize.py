@@ -18,6 +18,7 @@ from typing import Any, Iterator
 
 from quantstudy.config import Method, Variant
 from quantstudy.errors import QuantStudyError
+from quantstudy.faults import failpoint
 
 GROUP_SIZES = (32, 64, 128)
 
@@ -153,6 +154,7 @@ def run_oneshot(model: Any, tokenizer: Any, v: Variant, dataset: Any | None, max
     if dataset is not None:
         kwargs = dict(dataset=dataset, num_calibration_samples=len(dataset), max_seq_length=max_seq_len,
                       shuffle_calibration_samples=False)  # our sampler already fixed the order
+    failpoint("calibration")
     t0 = time.perf_counter()
     with report.capture(), (cpu_awq_pin_memory_fix() if v.method == Method.awq else contextlib.nullcontext()):
         oneshot(model=model, recipe=build_recipe(v), **kwargs)
@@ -164,6 +166,7 @@ def run_oneshot(model: Any, tokenizer: Any, v: Variant, dataset: Any | None, max
     if not (tmp / "config.json").is_file():
         raise QuantStudyError(f"llm-compressor wrote no config.json for {v.name}", value=str(tmp),
                               fix="re-run with --debug and report the log")
+    failpoint("save-model")
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     return report.rows, seconds
