@@ -114,8 +114,11 @@ def plan_pairs(models: list[ModelInfo]) -> list[Pair]:
                 same_tune = _quant_key(a, "source") == _quant_key(b, "source")
                 if same_tune and {roles.get(a.parent), roles.get(b.parent)} == {"baseline", "trained"}:
                     base, tuned = (a, b) if roles.get(a.parent) == "baseline" else (b, a)
+                    samples = (base.spec.get("calibration") or {}).get("samples")
                     out.append(Pair(PairKind.training, base.name, tuned.name,
-                                    f"{tuned.name} vs {base.name}: training, both {base.describe}"))
+                                    f"{tuned.name} vs {base.name}: trained vs base, both {base.spec['method'].upper()} "
+                                    f"W{base.spec.get('bits')} g{base.spec.get('group_size')}"
+                                    + (f", {samples} calibration samples" if samples else "")))
             elif a.spec.get("calibration") and _quant_key(a, "method") == _quant_key(b, "method"):
                 out.append(Pair(PairKind.method, a.name, b.name,
                                 f"{a.spec['method'].upper()} vs {b.spec['method'].upper()} at equal calibration "

@@ -65,14 +65,16 @@ def _bad(x: float | None) -> bool:
     return x is None or (isinstance(x, float) and math.isnan(x))
 
 
-def pct(x: float | None, digits: int = 1) -> str:
-    """0.523 -> '52.3%'."""
-    return DASH if _bad(x) else f"{100 * x:.{digits}f}%"  # type: ignore[operator]
+def pct(x: float | None, digits: int = 1, sign: bool = False) -> str:
+    """0.523 -> '52.3%' ('+52.3%' with sign); never '-0.0%'."""
+    if _bad(x):
+        return DASH
+    return f"{round(100 * x, digits) + 0.0:{'+' if sign else ''}.{digits}f}%"  # type: ignore[operator]
 
 
 def pts(x: float | None, digits: int = 1) -> str:
     """Accuracy difference in percentage points, signed: 0.06 -> '+6.0 pt'."""
-    return DASH if _bad(x) else f"{100 * x:+.{digits}f} pt"  # type: ignore[operator]
+    return DASH if _bad(x) else f"{round(100 * x, digits) + 0.0:+.{digits}f} pt"  # type: ignore[operator]
 
 
 def interval(lo: float | None, hi: float | None, scale: float = 100, digits: int = 1, unit: str = "") -> str:

@@ -13,10 +13,10 @@ from quantstudy.report.analysis import Analysis, PairKind
 from quantstudy.report.items import Comparison
 
 RETENTION_FLOOR = 0.99  # R1: "not significantly below 99% of the parent" on every task
-RULE_DEPLOY = (f"R1: the smallest quantized model (size on disk) that, on every task, is not significantly below "
-               f"{RETENTION_FLOOR:.0%} of its parent (the upper end of the 95% retention interval reaches "
-               f"{RETENTION_FLOOR:.0%}; for perplexity the lower end of the ratio interval reaches "
-               f"{2 - RETENTION_FLOOR:.2f}), has no Holm-significant loss, and has no generation-health flag")
+RULE_DEPLOY = (f"R1: the smallest quantized model (size on disk; ties go to the higher mean accuracy) whose "
+               f"retention vs its parent is not significantly below {RETENTION_FLOOR:.0%} on any accuracy metric "
+               f"(the upper end of its 95% paired-bootstrap retention interval reaches {RETENTION_FLOOR:.0%}) "
+               f"and that has no generation-health flag; perplexity is reported, not part of the rule")
 RULE_BEST = ("R2: the highest mean accuracy over tasks (point estimate); called better than its parent only with "
              "a Holm-significant gain on at least one task and no significant loss")
 RULE_PAIR = ("R3: in a pair, one model is preferred only if it wins at least one metric and loses none "
@@ -65,13 +65,9 @@ def pair_verdict(comps: list[Comparison]) -> str | None:
 
 
 def _keeps_accuracy(c: Comparison) -> bool:
-    if c.better == c.ref:
-        return False
-    if c.ratio is None:  # the parent scored 0: nothing to lose
+    if not c.higher_is_better or c.ratio is None:  # perplexity, or the parent scored 0: nothing to lose
         return True
-    if c.higher_is_better:
-        return (c.ratio_hi or 0) >= RETENTION_FLOOR
-    return (c.ratio_lo or 0) <= 2 - RETENTION_FLOOR
+    return (c.ratio_hi or 0) >= RETENTION_FLOOR
 
 
 def recommendations(a: Analysis) -> list[Recommendation]:
@@ -81,7 +77,7 @@ def recommendations(a: Analysis) -> list[Recommendation]:
     ok = [m for m in quant if m.name not in flagged and all(_keeps_accuracy(c) for c in _vs_parent(a, m.name))]
     if ok:
         pick = min(ok, key=lambda m: (m.size_bytes or float("inf"), -(m.mean_acc or 0)))
-        mde = max((c.mde or 0) for c in _vs_parent(a, pick.name)) if _vs_parent(a, pick.name) else 0
+        mde = max([c.mde or 0 for c in _vs_parent(a, pick.name) if c.higher_is_better] or [0])
         out.append(Recommendation("deployment", RULE_DEPLOY,
                                   f"{pick.name} ({pick.describe}). At these sample sizes, losses smaller than about "
                                   f"{100 * mde:.1f} points (largest paired MDE over its tasks) cannot be excluded.",

@@ -26,15 +26,15 @@ def pair_table(doc: Document, a: Analysis, p: Pair) -> None:
              cells.flips(c), cells.p(c), str(c.n), cells.mde(c), cells.verdict(c)] for c in comps]
     ra, rb = a.model(ref), a.model(other)
     if ra.size_bytes and rb.size_bytes:
-        smaller = d.DASH if ra.size_bytes == rb.size_bytes else min((ra, rb), key=lambda m: m.size_bytes).name
+        smaller = min((ra, rb), key=lambda m: m.size_bytes).name  # type: ignore[arg-type, return-value]
         rows.append(["size on disk", d.size(ra.size_bytes), d.size(rb.size_bytes),
-                     f"{100 * (rb.size_bytes - ra.size_bytes) / ra.size_bytes:+.1f}%", d.DASH, d.DASH, d.DASH, d.DASH,
-                     f"smaller: {smaller} (exact)"])
+                     d.pct((rb.size_bytes - ra.size_bytes) / ra.size_bytes, sign=True), d.DASH, d.DASH, d.DASH, d.DASH,
+                     "equal" if ra.size_bytes == rb.size_bytes else f"smaller: {smaller} (exact)"])
     da, db = a.deploy_of(ref), a.deploy_of(other)
     for label, x, y, fmt in (("latency mean", da.latency_s, db.latency_s, d.secs),
                              ("peak memory", da.peak_bytes, db.peak_bytes, d.size)):
         if x and y:
-            rows.append([label, fmt(x), fmt(y), f"{100 * (y - x) / x:+.1f}%", d.DASH, d.DASH, d.DASH, d.DASH,
+            rows.append([label, fmt(x), fmt(y), d.pct((y - x) / x, sign=True), d.DASH, d.DASH, d.DASH, d.DASH,
                          "not tested (one measurement)"])
     win = pair_verdict(comps)
     doc.add(Heading(3, p.title))
@@ -115,9 +115,10 @@ def technical(doc: Document, a: Analysis) -> None:
     cfg = meta.get("config") if isinstance(meta.get("config"), dict) else {}
     ev = cfg.get("evaluate") or {}
     facts = [["seed", str(cfg.get("seed", d.DASH))], ["evaluation limit", f"{ev.get('limit')} ({ev.get('limit_mode')})"],
-             ["evaluation seed", str(ev.get("seed", d.DASH))], ["data directory", str(cfg.get("data_dir") or "hub")],
-             ["data", json.dumps(meta["data"]) if "data" in meta else d.DASH],
-             ["device", str(meta.get("device", d.DASH))]] if cfg else []
+             ["evaluation seed", str(ev.get("seed", d.DASH))], ["data directory", str(cfg.get("data_dir") or "hub")]
+             ] if cfg else []
+    facts += [[key, json.dumps(meta[key]) if not isinstance(meta[key], str) else meta[key]]
+              for key in ("data", "device") if key in meta]
     for key in ("versions", "hardware"):
         if isinstance(meta.get(key), dict):
             facts += [[f"{key}: {k}", str(v)] for k, v in meta[key].items()]

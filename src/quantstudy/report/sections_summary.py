@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from quantstudy.report import cells
 from quantstudy.report import document as d
 from quantstudy.report.analysis import Analysis, PairKind
 from quantstudy.report.deploy import Deploy
@@ -19,14 +18,15 @@ def _mean_retention(a: Analysis, name: str) -> float | None:
 
 def speed_text(dep: Deploy) -> str:
     if dep.speedup is not None:
-        return f"{dep.speedup:.2f}x" + (f" ({dep.speedup_note})" if dep.speedup_note else "")
+        notes = [n for n in (dep.speedup_note, dep.caveat) if n]
+        return f"{dep.speedup:.2f}x" + (f" ({'; '.join(notes)})" if notes else "")
     return dep.speedup_note or d.DASH
 
 
 def memory_text(dep: Deploy) -> str:
     if dep.mem_reduction_bytes is None:
         return d.DASH
-    return f"{d.size(dep.mem_reduction_bytes)} ({dep.mem_reduction_pct:.1f}%)"
+    return f"{d.size(dep.mem_reduction_bytes)} ({d.pct(dep.mem_reduction_pct / 100)})"  # type: ignore[operator]
 
 
 def _how(dep: Deploy) -> str:
@@ -37,9 +37,11 @@ def _how(dep: Deploy) -> str:
 def summary(doc: Document, a: Analysis, recs: list[Recommendation]) -> None:
     doc.add(Heading(2, "Executive summary"))
     out = []
-    n_items = ", ".join(f"{t} n={n}" for t, (n, _, _) in a.design_mde.items())
-    out.append(f"{len(a.models)} models on {len(a.tasks)} tasks ({n_items or 'no right/wrong tasks'}).")
-    out += [f"**{r.topic.capitalize()}**: {r.verdict}" for r in recs if r.topic in ("most accurate", "deployment")]
+    n_items = ", ".join(f"{t} n={max(s.n for s in a.scores if s.task == t)}" for t in a.tasks)
+    out.append(f"{len(a.models)} model{'s' * (len(a.models) != 1)} on {len(a.tasks)} task"
+               f"{'s' * (len(a.tasks) != 1)} ({n_items}).")
+    out += [f"**{r.topic.capitalize()}**: {r.verdict}" for r in recs
+            if r.topic in ("most accurate", "deployment") or r.topic.startswith("training")]
     for m in a.models:
         if not m.parent:
             continue
@@ -50,21 +52,22 @@ def summary(doc: Document, a: Analysis, recs: list[Recommendation]) -> None:
         rw = sum(c.right_to_wrong or 0 for c in comps)
         wr = sum(c.wrong_to_right or 0 for c in comps)
         ret = _mean_retention(a, m.name)
-        text = (f"**{m.name}** ({m.describe}) vs {m.parent}: mean retention {d.pct(ret)}"
+        what = "mean retention" if m.role == "quantized" else "mean accuracy ratio"
+        text = (f"**{m.name}** ({m.describe}) vs {m.parent}: {what} {d.pct(ret)}"
                 f"{' (within noise)' if ret and ret > 1 and not better else ''}; "
                 f"significantly worse on {', '.join(worse) or 'no task'}, better on {', '.join(better) or 'no task'} "
                 f"(Holm); flips {rw} right→wrong / {wr} wrong→right")
-        if dep.size_reduction_pct is not None:
-            text += f"; size {d.size(dep.size_bytes)} ({-dep.size_reduction_pct:+.1f}%)"
+        if dep.size_reduction_pct is not None and dep.size_reduction_pct:
+            text += f"; size {d.size(dep.size_bytes)} ({d.pct(-dep.size_reduction_pct / 100, sign=True)})"
         if dep.mem_reduction_bytes is not None:
-            text += f"; peak memory {memory_text(dep)} lower ({_how(dep)})"
+            text += f"; memory reduction {memory_text(dep)} ({_how(dep)})"
         if dep.speedup is not None or dep.speedup_note:
             text += f"; speed-up {speed_text(dep)}"
         out.append(text + ".")
     flags = [f"{h.model} ({h.source}): {'; '.join(h.flags)}" for h in a.health if h.flags]
     out.append("**Generation health**: " + ("; ".join(flags) if flags else "no pathology flagged") + ".")
     if a.design_mde:
-        t, (n, p0, mde) = min(a.design_mde.items(), key=lambda kv: kv[1][0])
+        t, (n, p0, mde) = max(a.design_mde.items(), key=lambda kv: kv[1][2])
         out.append(f"**What n can show**: on {t} (n={n}, baseline {d.pct(p0)}) an independent-samples test detects "
                    f"only drops of {100 * mde:.1f} points or more with 80% power; the paired tests used here do "
                    f"better (MDE per comparison in the tables), but a 'tie' never means 'equal'.")
@@ -77,9 +80,9 @@ def models_table(doc: Document, a: Analysis) -> None:
     rows = []
     for m in a.models:
         dep = a.deploy_of(m.name)
-        rows.append([m.name, m.role, m.describe, f"{d.pct(m.mean_acc)} ({len(m.acc_tasks)} tasks)",
+        rows.append([m.name, m.role, m.describe, f"{d.pct(m.mean_acc)} ({len(m.acc_tasks)} task{'s' * (len(m.acc_tasks) != 1)})",
                      d.pct(_mean_retention(a, m.name)), d.size(m.size_bytes),
-                     d.DASH if dep.size_reduction_pct is None else f"{dep.size_reduction_pct:.1f}%"])
+                     d.DASH if dep.size_reduction_pct is None else d.pct(dep.size_reduction_pct / 100)])
     doc.add(Table(["model", "role", "method", "mean accuracy", "mean retention vs parent", "size on disk",
                    "size reduction"], rows,
                   "Mean accuracy: unweighted mean of each task's right/wrong metric (acc, or exact match). Retention "

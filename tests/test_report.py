@@ -1,0 +1,170 @@
+"""Report from a store filled with known numbers: every statistic against statsmodels or a hand
+count, the golden Markdown (regenerate with QS_UPDATE_GOLDEN=1), and the rules (speed-up,
+retention, recommendations, read-only re-rendering). The original reports: test_report_original.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+from statsmodels.stats.contingency_tables import mcnemar
+from statsmodels.stats.multitest import multipletests
+from statsmodels.stats.proportion import proportion_confint
+
+from quantstudy.errors import QuantStudyError
+from quantstudy.report import write_report
+from quantstudy.report.analysis import PairKind, analyze
+from quantstudy.report.deploy import NOT_4BIT
+from quantstudy.report.recommend import recommendations
+from quantstudy.store import Store
+from tests.fixtures import synthetic_study as syn
+
+GOLDEN = Path(__file__).parent / "fixtures" / "golden_report.md"
+
+
+@pytest.fixture()
+def store(tmp_path: Path) -> Store:
+    s = Store(tmp_path / "study" / "store.sqlite")
+    syn.fill(s)
+    return s
+
+
+def test_markdown_matches_golden(store: Store, tmp_path: Path) -> None:
+    out = write_report(store, tmp_path / "study", {"md"})
+    text = (tmp_path / "study" / "report.md").read_text()
+    if os.environ.get("QS_UPDATE_GOLDEN") == "1":
+        GOLDEN.write_text(text)
+        pytest.skip(f"golden file rewritten: {GOLDEN}")
+    assert text == GOLDEN.read_text(), "report.md changed; inspect the diff, then QS_UPDATE_GOLDEN=1 pytest to accept"
+    assert {p.name for p in out} >= {"report.md", "report-per_task.png", "report-flips.png",
+                                     "report-accuracy_vs_size.png", "report-kl_vs_size.png", "report-train_loss.png"}
+
+
+def test_scores_are_recomputed_from_items(store: Store) -> None:
+    # a metric that disagrees with the items must not leak into the report
+    store.put_metric("base", "eval.arc_easy.acc", 0.99, {})
+    a = analyze(store)
+    right = syn.correctness()
+    for model, per_task in right.items():
+        for task, outcomes in per_task.items():
+            metric = "acc" if task in ("arc_easy", "mmlu") else "em"
+            s = a.score(model, task, metric)
+            k, n = sum(outcomes), len(outcomes)
+            lo, hi = proportion_confint(k, n, alpha=0.05, method="wilson")
+            assert (s.n, s.value) == (n, k / n)
+            assert (s.lo, s.hi) == pytest.approx((lo, hi), abs=1e-12)
+
+
+def test_paired_tests_flips_and_holm(store: Store) -> None:
+    a = analyze(store)
+    right = syn.correctness()
+    for model, flips in syn.FLIPS.items():
+        parent = a.model(model).parent
+        for task, (rw, wr) in flips.items():
+            c = next(c for c in a.between(parent, model) if c.task == task and c.kind.value == "binary")
+            assert (c.right_to_wrong, c.wrong_to_right) == (rw, wr)
+            pa, pb = right[parent][task], right[model][task]
+            table = [[sum(x and y for x, y in zip(pa, pb)), rw], [wr, sum(not x and not y for x, y in zip(pa, pb))]]
+            assert c.p == pytest.approx(mcnemar(table, exact=True).pvalue, abs=1e-12)
+            assert c.diff == pytest.approx((wr - rw) / len(pa))
+    # one Holm family over every comparison of the report (each pair once)
+    ref = multipletests([c.p for c in a.comparisons], method="holm")[1]
+    assert [c.p_holm for c in a.comparisons] == pytest.approx(list(ref))
+    pairs = {frozenset((c.ref, c.other)) for c in a.comparisons}
+    assert len(pairs) == 8  # 5 vs parent, 1 method, 1 calibration, 1 training
+    assert len(a.comparisons) == 8 * 6  # 6 metrics: 4 right/wrong + squad F1 + wikitext perplexity
+
+
+def test_planned_pairs(store: Store) -> None:
+    a = analyze(store)
+    got = {(p.kind, p.ref, p.other) for p in a.pairs if p.kind != PairKind.parent}
+    assert got == {(PairKind.method, "gptq-c64", "awq-c64"), (PairKind.calibration, "gptq-c64", "gptq-c128"),
+                   (PairKind.training, "gptq-c64", "tuned-gptq-c64")}
+
+
+def test_speedup_memory_and_labels(store: Store) -> None:
+    a = analyze(store)
+    g, awq = a.deploy_of("gptq-c64"), a.deploy_of("awq-c64")
+    assert g.speedup == pytest.approx(2.0 / 2.2)
+    assert g.mem_reduction_bytes == pytest.approx(-100 * syn.MiB)
+    assert g.mem_reduction_pct == pytest.approx(-100 / 1200 * 100)
+    assert g.caveat == NOT_4BIT and a.deploy_of("base").caveat == ""
+    assert g.size_reduction_pct == pytest.approx(100 * (540 - 160) / 540)
+    # 168 vs 60 tokens per response: no speed-up number, a warning instead
+    assert awq.speedup is None and "2.8x the tokens" in awq.speedup_note
+    flagged = {(h.model, h.source) for h in a.health if h.flags}
+    assert flagged == {("awq-c64", "gsm8k"), ("awq-c64", "squad_v2"), ("awq-c64", "speed benchmark")}
+
+
+def test_retention_wording(store: Store, tmp_path: Path) -> None:
+    write_report(store, tmp_path / "study", {"md"})
+    md = (tmp_path / "study" / "report.md").read_text()
+    # tuned on arc_easy: 63.3/60.0 = 105.6%, not significant -> within noise; on gsm8k significant -> no hedge
+    assert "| tuned | 63.3% [50.7, 74.4] | base | +3.3 pt" in md
+    assert "105.6% [92, 121] within noise" in md
+    row = next(line for line in md.splitlines() if line.startswith("| tuned | 70.0%"))
+    assert "233.3%" in row and "within noise" not in row and "**tuned**" in row
+    assert "not a 4-bit deployment figure" in md
+    assert "no speed-up: generates 2.8x the tokens per response of base" in md
+
+
+def test_recommendation_rules(store: Store) -> None:
+    recs = {r.topic: r for r in recommendations(analyze(store))}
+    # smallest size is 160 MiB (three qualify); the tie goes to the higher mean accuracy; awq is flagged anyway
+    assert recs["deployment"].model == "tuned-gptq-c64"
+    assert recs["deployment"].rule.startswith("R1:")
+    assert recs["most accurate"].model == "tuned" and "tied" in recs["most accurate"].verdict
+    # gptq-c64 wins only wikitext perplexity vs awq-c64 and loses nothing -> preferred under R3
+    assert recs["method at equal calibration: gptq-c64 vs awq-c64"].model == "gptq-c64"
+
+
+def test_rerender_reads_only_and_is_identical(store: Store, tmp_path: Path) -> None:
+    db = sqlite3.connect(store.path)
+    before = list(db.iterdump())
+    out1 = {p: p.read_bytes() for p in write_report(store, tmp_path / "study")}
+    out2 = {p: p.read_bytes() for p in write_report(store, tmp_path / "study")}
+    assert out1 == out2
+    assert list(db.iterdump()) == before
+    assert not [p for p in (tmp_path / "study").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_results_json_is_strict_and_complete(store: Store, tmp_path: Path) -> None:
+    (path,) = write_report(store, tmp_path / "study", {"json"})
+    data = json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+    assert len(data["comparisons"]) == 48
+    c = next(c for c in data["comparisons"] if (c["other"], c["task"]) == ("tuned", "gsm8k"))
+    assert c["significant"] is True and c["better"] == "tuned" and c["right_to_wrong"] == 0
+    assert data["meta"]["config"]["name"] == "synthetic-demo"
+    assert not (tmp_path / "study" / "report.md").exists()
+
+
+def test_mmlu_breakdown_is_micro_average(store: Store) -> None:
+    a = analyze(store)
+    right = syn.correctness()["gptq-c64"]["mmlu"]
+    for subject, category in syn.SUBJECTS:
+        idx = [i for i in range(len(right)) if syn.SUBJECTS[i % 4][0] == subject]
+        s = next(s for s in a.mmlu_subject if (s.model, s.task) == ("gptq-c64", subject))
+        assert (s.n, s.value) == (len(idx), sum(right[i] for i in idx) / len(idx))
+    stem = next(s for s in a.mmlu_category if (s.model, s.task) == ("gptq-c64", "stem"))
+    idx = [i for i in range(len(right)) if syn.SUBJECTS[i % 4][1] == "stem"]
+    assert stem.value == sum(right[i] for i in idx) / len(idx)
+
+
+def test_items_with_different_content_are_not_paired(store: Store) -> None:
+    rec = next(r for m, r in store.items(model="gptq-c64", task="arc_easy"))
+    rec.item_hash = "different"
+    store.put_items("gptq-c64", [rec])
+    a = analyze(store)
+    c = next(c for c in a.between("base", "gptq-c64") if c.task == "arc_easy")
+    assert (c.n, c.excluded) == (59, 1)
+    assert any("content hash" in w for w in a.warnings)
+
+
+def test_bad_input_errors(tmp_path: Path, store: Store) -> None:
+    with pytest.raises(QuantStudyError, match="--format.*pdf"):
+        write_report(store, tmp_path / "x", {"md", "pdf"})
+    with pytest.raises(QuantStudyError, match="holds no models"):
+        write_report(Store(tmp_path / "empty" / "store.sqlite"), tmp_path / "empty")
