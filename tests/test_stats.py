@@ -27,6 +27,7 @@ def test_wilson_hand_value() -> None:
     z = 1.959963984540054
     half = z * math.sqrt(0.25 / 50 + z * z / 10000) / (1 + z * z / 50)
     assert stats.wilson(25, 50) == pytest.approx((0.5 - half, 0.5 + half), abs=1e-12)
+    assert stats.wilson(0, 7)[0] == 0.0 and stats.wilson(7, 7)[1] == 1.0
     assert all(math.isnan(v) for v in stats.wilson(0, 0))
 
 

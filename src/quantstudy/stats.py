@@ -41,7 +41,8 @@ def wilson(k: int, n: int, alpha: float = ALPHA) -> tuple[float, float]:
     p = k / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    # at k = 0 (k = n) the bound is exactly 0 (1); the formula leaves a rounding residue of ~1e-17
+    return (0.0 if k == 0 else max(0.0, centre - half), 1.0 if k == n else min(1.0, centre + half))
 
 
 def flips(correct_a: np.ndarray, correct_b: np.ndarray) -> tuple[int, int]:

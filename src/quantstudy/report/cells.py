@@ -12,7 +12,7 @@ def score(s: Score | None) -> str:
     if s is None:
         return d.DASH
     if s.kind == Kind.perplexity:
-        return f"{s.value:.2f} {d.interval(s.lo, s.hi, 1, 2)}"
+        return f"{d.num(s.value, 2)} [{d.num(s.lo, 2)}, {d.num(s.hi, 2)}]"
     return f"{d.pct(s.value)} {d.interval(s.lo, s.hi)}"
 
 

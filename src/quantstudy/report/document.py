@@ -86,7 +86,10 @@ def interval(lo: float | None, hi: float | None, scale: float = 100, digits: int
 
 
 def num(x: float | None, digits: int = 3) -> str:
-    return DASH if _bad(x) else f"{x:.{digits}f}"
+    """Fixed decimals; 4 significant digits from 10^5 up (a random model's perplexity is ~1e10)."""
+    if _bad(x):
+        return DASH
+    return f"{x:.4g}" if abs(x) >= 1e5 else f"{x:.{digits}f}"  # type: ignore[arg-type]
 
 
 def pval(p: float | None) -> str:

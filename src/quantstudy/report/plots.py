@@ -54,7 +54,7 @@ def per_task(a: Analysis) -> bytes | None:
     if not mets:
         return None
     names = [m.name for m in a.models]
-    fig = Figure(figsize=(max(6.0, 1.2 * len(mets) * max(1, len(names)) / 2), 4.5))
+    fig = Figure(figsize=(min(12.0, max(6.0, 0.35 * len(mets) * len(names) + 2)), 4.5))
     ax = fig.add_subplot()
     width = 0.8 / len(names)
     x = np.arange(len(mets))
@@ -62,6 +62,7 @@ def per_task(a: Analysis) -> bytes | None:
         ss = [a.score(name, mt.task, mt.name) for mt in mets]
         v = np.array([100 * s.value if s else np.nan for s in ss])
         err = np.array([[100 * (s.value - s.lo), 100 * (s.hi - s.value)] if s else [np.nan, np.nan] for s in ss]).T
+        err = np.clip(err, 0, None)  # a bootstrap bound can sit a rounding error inside the point estimate
         ax.bar(x + (j - (len(names) - 1) / 2) * width, v, width, yerr=err, capsize=3, label=name)
     ax.set_xticks(x, [f"{mt.task}\n{mt.name}" for mt in mets], fontsize=8)
     ax.set_ylabel("score (%), 95% interval")
@@ -81,6 +82,7 @@ def flips(a: Analysis) -> bytes | None:
     ax.barh(y, [-c.right_to_wrong for c in comps], color="tab:red", label="right→wrong")  # type: ignore[operator]
     ax.barh(y, [c.wrong_to_right for c in comps], color="tab:green", label="wrong→right")
     ax.set_yticks(y, [f"{c.other} / {c.task}" for c in comps], fontsize=8)
+    ax.invert_yaxis()  # first model at the top, as in the tables
     ax.axvline(0, color="black", lw=0.8)
     ax.set_xlabel("items changed vs parent")
     ax.set_title("Flips vs parent")

@@ -78,10 +78,10 @@ def recommendations(a: Analysis) -> list[Recommendation]:
     if ok:
         pick = min(ok, key=lambda m: (m.size_bytes or float("inf"), -(m.mean_acc or 0)))
         mde = max([c.mde or 0 for c in _vs_parent(a, pick.name) if c.higher_is_better] or [0])
-        out.append(Recommendation("deployment", RULE_DEPLOY,
-                                  f"{pick.name} ({pick.describe}). At these sample sizes, losses smaller than about "
-                                  f"{100 * mde:.1f} points (largest paired MDE over its tasks) cannot be excluded.",
-                                  pick.name))
+        caveat = (f" At these sample sizes, losses smaller than about {100 * mde:.1f} points (largest paired MDE "
+                  f"over its tasks) cannot be excluded." if mde else
+                  " It answered every right/wrong item as its parent did.")
+        out.append(Recommendation("deployment", RULE_DEPLOY, f"{pick.name} ({pick.describe}).{caveat}", pick.name))
     elif quant:
         out.append(Recommendation("deployment", RULE_DEPLOY,
                                   "no quantized model qualifies; keep the unquantized model or relax the rule"))

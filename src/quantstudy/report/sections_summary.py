@@ -68,9 +68,10 @@ def summary(doc: Document, a: Analysis, recs: list[Recommendation]) -> None:
     out.append("**Generation health**: " + ("; ".join(flags) if flags else "no pathology flagged") + ".")
     if a.design_mde:
         t, (n, p0, mde) = max(a.design_mde.items(), key=lambda kv: kv[1][2])
+        can = f"only drops of {100 * mde:.1f} points or more" if mde < p0 else "no drop at all"
         out.append(f"**What n can show**: on {t} (n={n}, baseline {d.pct(p0)}) an independent-samples test detects "
-                   f"only drops of {100 * mde:.1f} points or more with 80% power; the paired tests used here do "
-                   f"better (MDE per comparison in the tables), but a 'tie' never means 'equal'.")
+                   f"{can} with 80% power; the paired tests used here do better (MDE per comparison in the "
+                   f"tables), but a 'tie' never means 'equal'.")
     out += [f"Warning: {w}" for w in a.warnings]
     doc.add(Bullets(out))
 

@@ -14,7 +14,9 @@ def per_task(doc: Document, a: Analysis) -> None:
     doc.add(Heading(2, "Per-task results"))
     names = [m.name for m in a.models]
     rows = [[f"{mt.task} {mt.name}"] + [cells.score(a.score(n, mt.task, mt.name)) for n in names] for mt in a.metrics]
-    mde = {t: f"{100 * v:.1f} pt" for t, (_, _, v) in a.design_mde.items()}
+    # a capped MDE (= the baseline accuracy) means no drop at all would be detected reliably
+    mde = {t: f"{100 * v:.1f} pt" if v < p0 else f"none detectable (baseline {d.pct(p0)})"
+           for t, (_, p0, v) in a.design_mde.items()}
     for row, mt in zip(rows, a.metrics):
         n = max((s.n for s in a.scores if (s.task, s.metric) == (mt.task, mt.name)), default=0)
         row[1:1] = [str(n), mde.get(mt.task, d.DASH) if mt.kind == Kind.binary else d.DASH]
