@@ -50,6 +50,16 @@ def friendly_errors(debug: bool) -> Iterator[None]:
         raise typer.Exit(2) from None
 
 
+def quiet_library_logs(debug: bool) -> None:
+    """llm-compressor logs every step at INFO through loguru; keep warnings (all with --debug).
+    The sink looks up sys.stderr at each write, so a swapped stream (tests, pipes) stays valid."""
+    from loguru import logger
+
+    logger.remove()
+    logger.add(lambda m: sys.stderr.write(m), level="DEBUG" if debug else "WARNING",
+               format="{time:HH:mm:ss} | {level} | {message}")
+
+
 @contextlib.contextmanager
 def open_study(config: Path, data_dir: Optional[Path], debug: bool, lock: bool = True) -> Iterator[object]:
     from quantstudy.config import load_config, study_dir
@@ -58,6 +68,7 @@ def open_study(config: Path, data_dir: Optional[Path], debug: bool, lock: bool =
     from quantstudy.lock import study_lock
     from quantstudy.store import Store
 
+    quiet_library_logs(debug)
     cfg = load_config(config)
     sdir = study_dir(cfg, config)
     cdir = config.resolve().parent

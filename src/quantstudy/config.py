@@ -209,7 +209,7 @@ class TrainConfig(Strict):
 
 class TaskSpec(Strict):
     name: TaskName
-    limit: int | None = None
+    limit: int | None = Field(None, ge=1)
     num_fewshot: int | None = None
 
 
@@ -227,7 +227,7 @@ class EvalBackend(str, Enum):
 class EvaluateConfig(Strict):
     tasks: list[TaskName | TaskSpec] = Field(default_factory=lambda: [TaskName.arc_easy])
     backend: EvalBackend = EvalBackend.fast
-    limit: int | None = None  # per task; None = all items
+    limit: int | None = Field(None, ge=1)  # per task; None = all items
     limit_mode: LimitMode = LimitMode.first
     num_fewshot: int | None = None  # None = lm-eval's default for each task
     batch_size: int = Field(16, ge=1)
@@ -277,6 +277,16 @@ class StudyConfig(Strict):
     quantize: list[QuantizeEntry] = Field(default_factory=list)
     evaluate: EvaluateConfig | None = EvaluateConfig()
     fidelity: FidelityConfig | None = None
+
+    @model_validator(mode="after")
+    def _train_calibration_needs_train(self) -> StudyConfig:
+        uses = [c for c in [self.calibration] + [e.calibration for e in self.quantize if e.calibration]
+                if c.source == CalibSource.train]
+        if uses and self.train is None and any(
+                m != Method.rtn for e in self.quantize for m in (e.method if isinstance(e.method, list) else [e.method])):
+            raise ValueError("calibration source 'train' needs a `train:` section in the study "
+                             "(add one, or choose sharegpt/openmathinstruct2/gsm8k/wikitext/jsonl)")
+        return self
 
     @field_validator("name")
     @classmethod
