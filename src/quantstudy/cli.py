@@ -160,7 +160,7 @@ def parse_formats(fmt: str) -> set[str]:
 
 def run_stages(ctx: object, stages: set[str], only_model: str | None = None) -> list[object]:
     from quantstudy import environment
-    from quantstudy.study import plan as make_plan, run_step
+    from quantstudy.study import is_done, plan as make_plan, run_step
 
     environment.record(ctx)
     steps = make_plan(ctx)
@@ -173,7 +173,7 @@ def run_stages(ctx: object, stages: set[str], only_model: str | None = None) -> 
         if s.model in needed:
             needed.update(s.parents)
     for s in steps:
-        if not s.cached and s.stage in stages and s.model in needed:
+        if s.stage in stages and s.model in needed and not is_done(ctx, s):
             ctx.console.rule(f"{s.stage} {s.model}")
             run_step(ctx, s)
     return steps

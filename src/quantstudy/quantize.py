@@ -214,5 +214,7 @@ def quantize_model(ctx: Any, v: Variant, parent: Any, name: str, out_dir: Path) 
             "gptq": v.gptq.model_dump() if v.method == Method.gptq else None,
             "awq": v.awq.model_dump() if v.method == Method.awq else None,
             "format": "compressed-tensors"}
+    from quantstudy.environment import versions
+
     return ModelRecord(name, "quantized", str(out_dir), parent=parent.name, spec=spec,
-                       size_bytes=weights_size(out_dir), weights_hash=weights_hash(out_dir))
+                       size_bytes=weights_size(out_dir), weights_hash=weights_hash(out_dir), versions=versions())

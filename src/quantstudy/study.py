@@ -82,8 +82,14 @@ def plan(ctx: RunContext) -> list[Step]:
             steps.append(Step("fidelity", s.model, key_of("fidelity", s.key, model_keys[parent], cfg.fidelity,
                                                            cfg.evaluate, ctx.data_id, versions), parents=[parent]))
     for s in steps:
-        s.cached = store.stage_done(s.key) is not None
+        s.cached = is_done(ctx, s)
     return steps
+
+
+def is_done(ctx: RunContext, step: Step) -> bool:
+    """Done = recorded done under this key, and its artifact (if any) still on disk."""
+    done = ctx.store.stage_done(step.key)
+    return done is not None and (not done.get("artifact") or Path(done["artifact"]).exists())
 
 
 def m_dtype(ctx: RunContext) -> str:
@@ -162,8 +168,12 @@ def run_study(ctx: RunContext, formats: set[str] | None = None) -> list[Step]:
     todo = [s for s in steps if not s.cached]
     ctx.console.print(f"[bold]{ctx.cfg.name}[/]: {len(steps)} stages, {len(steps) - len(todo)} cached, "
                       f"{len(todo)} to run")
-    for i, s in enumerate(todo, 1):
-        ctx.console.rule(f"[{i}/{len(todo)}] {s.stage} {s.model}")
+    for i, s in enumerate(steps, 1):
+        # re-checked here: re-making a model invalidates the stages computed on its old weights
+        if is_done(ctx, s):
+            continue
+        s.cached = False
+        ctx.console.rule(f"[{i}/{len(steps)}] {s.stage} {s.model}")
         run_step(ctx, s)
         ctx.console.print(f"  done in {s.seconds:.1f} s")
     from quantstudy.report import write_report
