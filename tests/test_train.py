@@ -250,6 +250,32 @@ def test_plan_samples_user_file_overlapping_evaluation_is_an_error(tmp_path, mon
         train.plan_samples(ctx)
 
 
+def test_plan_samples_holds_out_evaluated_items_of_the_same_data(shared_data, tmp_path):
+    """Offline OpenMathInstruct-2 is both the training pool and an evaluated task: the first 30
+    evaluated problems never reach training; calibration reuses exactly these samples."""
+    cfg = parse_config({"name": "t", "model": {"source": "a/b"}, "train": {"samples": 200},
+                        "evaluate": {"tasks": [{"name": "openmathinstruct2", "limit": 30}], "speed": None}})
+    ctx = RunContext(cfg, tmp_path, tmp_path, Store(tmp_path / "s.sqlite"), shared_data, "cpu", quiet())
+    samples, held_out = train.plan_samples(ctx)
+    raw = json.loads((shared_data / "openmathinstruct-2/openmathinstruct-2-train.json").read_text())
+    evaluated = {" ".join(r["problem"].split()) for r in raw[:30]}
+    assert len(samples) == 200 and held_out >= 30
+    assert not evaluated & {" ".join(c.messages[0][1].split()) for c in samples}
+    assert [c.id for c in train.plan_samples(ctx)[0]] == [c.id for c in samples]  # deterministic
+
+
+def test_user_file_with_an_evaluated_question_names_it(shared_data, tmp_path):
+    q = json.loads((shared_data / "gsm8k/test.jsonl").open().readline())["question"]
+    rows = [{"prompt": "Unrelated question?", "response": "ok"}, {"prompt": q.upper(), "response": "42"}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = parse_config({"name": "t", "model": {"source": "a/b"},
+                        "train": {"source": "jsonl", "path": "d.jsonl", "samples": 2},
+                        "evaluate": {"tasks": [{"name": "gsm8k", "limit": 5}], "speed": None}})
+    ctx = RunContext(cfg, tmp_path, tmp_path, Store(tmp_path / "s.sqlite"), shared_data, "cpu", quiet())
+    with pytest.raises(QuantStudyError, match=r"1 training samples are evaluation items: gsm8k/test/0"):
+        train.plan_samples(ctx)
+
+
 # ----------------------------------------------------------------------------- real model
 @pytest.mark.slow
 def test_smollm2_lora_trains_merges_and_evaluates(smollm2_dir, shared_data, tmp_path):

@@ -125,18 +125,13 @@ def loss_curve(trainer: Any) -> list[tuple[float, float]]:
 
 
 def evaluated_hashes(ctx: RunContext) -> dict[str, str]:
-    """text hash -> "<task>/<item id>" of every item the study evaluates (held-out guard)."""
-    try:
-        from quantstudy.evaluate import select_items  # type: ignore[attr-defined]
-    except ImportError:  # evaluation stage not available: nothing to hold out
-        return {}
+    """text hash of each evaluated item's question -> "<task>/<item id>" (held-out guard input)."""
+    from quantstudy.evaluate import select_items
+
     if ctx.cfg.evaluate is None:
         return {}
-    out: dict[str, str] = {}
-    for spec in ctx.cfg.evaluate.task_specs():
-        for item in select_items(ctx, spec):
-            out[item.text_hash] = f"{spec.name.value}/{item.id}"
-    return out
+    return {train_data.text_hash(item.question): f"{spec.name.value}/{item.id}"
+            for spec in ctx.cfg.evaluate.task_specs() for item in select_items(ctx, spec) if item.question.strip()}
 
 
 def plan_samples(ctx: RunContext) -> tuple[list[Conversation], int]:

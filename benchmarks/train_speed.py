@@ -1,0 +1,146 @@
+"""SFT speed on CPU: TRL's defaults (the issue 8 reference) vs quantstudy's CPU defaults.
+
+Both recipes train SmolLM2-135M-Instruct with LoRA r=16 on all linear layers, batch 8,
+max length 384, lr 2e-4 cosine, on the SAME OpenMathInstruct-2 samples (default 200,
+25 steps), from the same initial weights and seed. They differ only in what changes
+speed, not the optimization:
+
+  baseline  float32, TRL's default gradient checkpointing, random batches
+  defaults  bf16 autocast (float32 master weights), no gradient checkpointing,
+            length-grouped batches (TrainConfig defaults)
+
+A logged training loss is one batch's loss, and length grouping changes which rows share
+the last batch, so the final logged losses of the two recipes are not the same quantity.
+The table therefore also gives each merged model's completion loss (float32, no autocast)
+on the same held-out rows: that is the like-for-like "final loss".
+
+  flock /tmp/qs-heavy.lock .venv/bin/python benchmarks/train_speed.py            # ~20 min
+  .venv/bin/python benchmarks/train_speed.py --samples 16 --heldout 4            # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from quantstudy import train, train_data
+from quantstudy.config import TrainConfig
+from quantstudy.models import load_pretrained
+from quantstudy.resources import track_peak_memory
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def heldout_nll(model, tok, samples) -> float:
+    """Mean completion NLL (nats/token) of the replies, prompts rendered by the chat template."""
+    total, n = 0.0, 0
+    model.eval()
+    for c in samples:
+        prompt = tok.apply_chat_template(c.as_dicts()[:-1], add_generation_prompt=True, tokenize=False)
+        full = tok.apply_chat_template(c.as_dicts(), tokenize=False)
+        ids = tok(full, add_special_tokens=False, return_tensors="pt", truncation=True, max_length=384).input_ids
+        start = len(tok(prompt, add_special_tokens=False).input_ids)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0].float(), -1)
+        tgt = ids[0, start:]
+        total -= logp[start - 1:-1].gather(1, tgt[:, None]).sum().item()
+        n += len(tgt)
+    return total / n
+
+
+# name -> (TrainConfig changes, SFTConfig overrides). Only "baseline" and "defaults" run by
+# default; the others split the gain into its parts (--recipes baseline,fp32-nogc,...).
+RECIPES = {
+    "baseline": ({"bf16_autocast": False, "group_by_length": False}, {"gradient_checkpointing": True}),
+    "fp32-nogc": ({"bf16_autocast": False, "group_by_length": False}, {}),
+    "fp32-nogc-grouped": ({"bf16_autocast": False}, {}),
+    "defaults": ({}, {}),
+}
+
+
+def run(recipe: str, model_dir: Path, samples, heldout, cfg: TrainConfig, console: Console) -> dict:
+    changes, overrides = RECIPES[recipe]
+    cfg = cfg.model_copy(update=changes)
+    model, tok = load_pretrained(model_dir)
+    args = train.sft_args(cfg, Path("/tmp/qs-train-speed") / recipe, "cpu", **overrides)
+    t0, c0 = time.perf_counter(), time.process_time()
+    with track_peak_memory("cpu") as mem:
+        trainer = train.run_sft(model, tok, samples, cfg, args, console, label=recipe)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    curve = train.loss_curve(trainer)
+    merged = trainer.model.merge_and_unload()
+    tokens = int(trainer.state.num_input_tokens_seen)
+    return {"recipe": recipe, "wall_s": wall, "cpu_s": cpu, "steps": trainer.state.global_step, "tokens": tokens,
+            "tokens_per_s": tokens / wall, "first_loss": curve[0][1], "final_loss": curve[-1][1],
+            "mean_loss_last5": sum(v for _, v in curve[-5:]) / len(curve[-5:]),
+            "heldout_nll": heldout_nll(merged, tok, heldout), "peak_rss_gb": mem.bytes / 1e9,
+            "bf16": bool(args.bf16), "gradient_checkpointing": bool(args.gradient_checkpointing),
+            "sampler": args.train_sampling_strategy, "curve": curve}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", type=Path, default=Path(os.environ.get("QS_SMOLLM2", "/work/smollm2-hf")))
+    ap.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
+    ap.add_argument("--samples", type=int, default=200)
+    ap.add_argument("--heldout", type=int, default=32)
+    ap.add_argument("--recipes", default="baseline,defaults")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--one", choices=sorted(RECIPES), help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if not (a.model / "config.json").is_file():
+        from quantstudy.models import materialize_builtin
+
+        a.model = materialize_builtin("smollm2-135m-instruct", Path("/tmp/qs-model-cache"))
+    console = Console(width=150)
+    cfg = TrainConfig(samples=a.samples)
+    pool = train_data.load_pool(cfg, a.data_dir, REPO)
+    samples, _ = train_data.select_samples(pool, a.samples, cfg.seed, set())
+    used = {c.id for c in samples}
+    heldout = [c for c in pool if c.id not in used][: a.heldout]
+    console.print(f"SmolLM2-135M LoRA r{cfg.lora.r}, {len(samples)} OpenMathInstruct-2 samples, batch "
+                  f"{cfg.batch_size}, max length {cfg.max_seq_len}, torch threads {torch.get_num_threads()}, "
+                  f"load average {os.getloadavg()[0]:.2f}")
+    if a.one:  # child process: one recipe, result as JSON
+        a.json.write_text(json.dumps(run(a.one, a.model, samples, heldout, cfg, console)))
+        return
+    results = []
+    for r in a.recipes.split(","):
+        # A fresh process per recipe: peak RSS and allocator state are not inherited from the previous one.
+        out = Path(f"/tmp/qs-train-speed-{r}.json")
+        subprocess.run([sys.executable, __file__, "--one", r, "--json", str(out), "--model", str(a.model),
+                        "--data-dir", str(a.data_dir), "--samples", str(a.samples), "--heldout", str(a.heldout)],
+                       check=True)
+        results.append(json.loads(out.read_text()))
+    base, tok = load_pretrained(a.model)
+    base_nll = heldout_nll(base, tok, heldout)
+
+    t = Table(title=f"SFT on CPU, {len(samples)} samples; held-out = {len(heldout)} other rows "
+                    f"(base model {base_nll:.4f} nats/token)")
+    for col in ("recipe", "wall", "CPU", "steps", "tokens", "tok/s", "first loss", "final loss", "last-5 mean",
+                "held-out loss", "peak RSS"):
+        t.add_column(col, justify="right")
+    for r in results:
+        t.add_row(r["recipe"], f"{r['wall_s'] / 60:.1f} min", f"{r['cpu_s'] / 60:.1f} min", str(r["steps"]),
+                  str(r["tokens"]), f"{r['tokens_per_s']:.0f}", f"{r['first_loss']:.4f}", f"{r['final_loss']:.4f}",
+                  f"{r['mean_loss_last5']:.4f}", f"{r['heldout_nll']:.4f}", f"{r['peak_rss_gb']:.2f} GB")
+    console.print(t)
+    first, last = results[0], results[-1]
+    console.print(f"{first['recipe']} / {last['recipe']}: wall {first['wall_s'] / last['wall_s']:.2f}x, "
+                  f"CPU time {first['cpu_s'] / last['cpu_s']:.2f}x. CPU time is process user+sys over 2 cores; "
+                  "wall time also counts other processes sharing the machine")
+    if a.json:
+        a.json.write_text(json.dumps({"base_heldout_nll": base_nll, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
