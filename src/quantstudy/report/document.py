@@ -113,6 +113,8 @@ def size(b: float | None) -> str:
 def secs(s: float | None) -> str:
     if _bad(s):
         return DASH
+    if s >= 120:  # type: ignore[operator]
+        return f"{s / 60:.1f} min"  # type: ignore[operator]
     return f"{1000 * s:.0f} ms" if s < 1 else f"{s:.2f} s"  # type: ignore[operator]
 
 

@@ -13,8 +13,7 @@ from quantstudy.report.document import Code, Document, Heading, Image, Para, Tab
 from quantstudy.report.recommend import RULE_PAIR, pair_verdict
 
 _TITLES = {PairKind.method: "Method comparison at equal calibration",
-           PairKind.calibration: "Calibration size at equal method",
-           PairKind.training: "Training effect at equal quantization"}
+           PairKind.calibration: "Calibration size at equal method"}
 
 
 def pair_table(doc: Document, a: Analysis, p: Pair) -> None:
@@ -53,9 +52,11 @@ def pairs(doc: Document, a: Analysis) -> None:
 
 
 def training(doc: Document, a: Analysis) -> None:
-    if not a.training:
+    """Training cost and curve, then trained vs base: original models, and quantized at equal settings."""
+    trained = [p for p in a.pairs_of(PairKind.parent) if a.model(p.other).role == "trained"]
+    if not a.training and not trained:
         return
-    doc.add(Heading(2, "Training"))
+    doc.add(Heading(2, "Training effect"))
     rows = []
     for name, t in a.training.items():
         m, loss = t["metrics"], t["loss"]
@@ -63,14 +64,17 @@ def training(doc: Document, a: Analysis) -> None:
         rows.append([name, a.model(name).describe, d.secs(m.get("train.seconds")), first,
                      d.num(m.get("train.final_loss"), 3), d.size(m.get("train.peak_rss_bytes")),
                      d.DASH if m.get("train.tokens") is None else f"{m['train.tokens']:.0f}"])
-    doc.add(Table(["model", "training", "wall time", "first loss", "final loss", "peak memory", "tokens"], rows))
+    if rows:
+        doc.add(Table(["model", "training", "wall time", "first loss", "final loss", "peak memory", "tokens"], rows))
     if any(t["loss"] for t in a.training.values()):
         doc.add(Image("train_loss", "Training loss per step"))
-    for p in a.pairs_of(PairKind.parent):
-        if a.model(p.other).role == "trained":
-            pair_table(doc, a, Pair(PairKind.parent, p.ref, p.other, f"{p.other} vs {p.ref}: trained vs base, original"))
+    for p in trained:
+        pair_table(doc, a, Pair(PairKind.parent, p.ref, p.other, f"{p.other} vs {p.ref}: trained vs base, original"))
+    for p in a.pairs_of(PairKind.training):
+        pair_table(doc, a, p)
     if not a.pairs_of(PairKind.training):
         doc.add(Para("No quantized pair of base and trained models with equal settings."))
+    doc.add(Para(cells.COMPARE_NOTE))
 
 
 _FID = [("kl_mean", "KL mean (nats/token)", 4), ("kl_p99", "KL p99", 4), ("top1_agree", "top-1 agreement", None),
