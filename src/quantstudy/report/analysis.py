@@ -67,6 +67,7 @@ class Analysis:
     training: dict[str, dict[str, Any]]  # trained model -> {"metrics": {...}, "loss": [(step, value)]}
     design_mde: dict[str, tuple[int, float, float]]  # task -> (n, baseline accuracy, unpaired MDE)
     meta: dict[str, Any]
+    evaluation: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> how it was evaluated (info)
     warnings: list[str] = field(default_factory=list)
 
     def model(self, name: str) -> ModelInfo:
@@ -212,6 +213,9 @@ def _deployment(a: Analysis, store: Store, by_model: dict) -> None:
         a.deploy.append(d)
         health[m.name] = deploy.health_rows(m.name, by_model.get(m.name, {}), metrics[m.name], health.get(m.parent or ""))
         a.health.extend(health[m.name])
+        for task in a.tasks:  # how each task was run, from the first model that records it (the baseline)
+            if task not in a.evaluation and f"eval.{task}.n" in metrics[m.name]:
+                a.evaluation[task] = metrics[m.name][f"eval.{task}.n"][1]
         fid = {n.removeprefix("fidelity."): v for n, (v, _) in metrics[m.name].items() if n.startswith("fidelity.")}
         if fid:
             a.fidelity[m.name] = fid

@@ -100,6 +100,12 @@ def fidelity(doc: Document, a: Analysis) -> None:
     doc.add(Image("kl_vs_size", "Mean KL divergence vs size on disk"))
 
 
+def _plain(v: object) -> str:
+    if v is None:
+        return d.DASH
+    return ", ".join(map(str, v)) if isinstance(v, list) else str(v)
+
+
 def technical(doc: Document, a: Analysis) -> None:
     doc.add(Heading(2, "Technical details"))
     doc.add(Table(["model", "role", "parent", "settings", "path", "weights hash"],
@@ -111,6 +117,11 @@ def technical(doc: Document, a: Analysis) -> None:
                  f"difference interval and every retention interval; Holm correction over all "
                  f"{len(a.comparisons)} paired comparisons in this report; alpha {stats.ALPHA}; MDE at "
                  f"{stats.POWER:.0%} power. Generation health: {HEALTH_RULE}."))
+    if a.evaluation:
+        keys = ("limit", "limit_mode", "num_fewshot", "chat_template", "seed", "backend", "data")
+        doc.add(Table(["task"] + list(keys), [[t] + [_plain(info.get(k)) for k in keys]
+                                              for t, info in sorted(a.evaluation.items())],
+                      "How each task was evaluated, as recorded by the evaluation stage."))
     speed = [[dep.model, dep.backend or d.DASH, dep.weights or d.DASH, dep.measured or d.DASH, dep.caveat or d.DASH]
              for dep in (a.deploy_of(m.name) for m in a.models) if dep.backend or dep.measured]
     if speed:
