@@ -168,3 +168,14 @@ def test_bad_input_errors(tmp_path: Path, store: Store) -> None:
         write_report(store, tmp_path / "x", {"md", "pdf"})
     with pytest.raises(QuantStudyError, match="holds no models"):
         write_report(Store(tmp_path / "empty" / "store.sqlite"), tmp_path / "empty")
+
+
+def test_bootstrap_p_floor_warning(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 500 resamples: p >= 1/501, and 48 comparisons * 1/501 > 0.05, so no bootstrap test can win after Holm
+    from quantstudy import stats
+
+    monkeypatch.setattr(stats, "BOOT_RESAMPLES", 500)
+    a = analyze(store)
+    assert any("cannot reach Holm significance" in w for w in a.warnings)
+    assert not [c for c in a.comparisons if c.test == "paired bootstrap" and c.significant]
+    assert min(c.p for c in a.comparisons if c.test == "paired bootstrap") == pytest.approx(1 / 501)

@@ -130,8 +130,11 @@ class PairedBootstrap:
 
 
 def paired_bootstrap(x_a: np.ndarray, x_b: np.ndarray, weights: np.ndarray | None = None,
-                     resamples: int = BOOT_RESAMPLES, seed: int = BOOT_SEED, alpha: float = ALPHA) -> PairedBootstrap:
-    """Paired percentile bootstrap of stat = sum(x) / sum(w) for two models on the same n items."""
+                     resamples: int | None = None, seed: int = BOOT_SEED, alpha: float = ALPHA) -> PairedBootstrap:
+    """Paired percentile bootstrap of stat = sum(x) / sum(w) for two models on the same n items.
+
+    resamples: default BOOT_RESAMPLES; the p-value cannot go below 1 / (resamples + 1)."""
+    resamples = resamples or BOOT_RESAMPLES
     a, b = np.asarray(x_a, np.float64), np.asarray(x_b, np.float64)
     n = len(a)
     w = np.ones(n) if weights is None else np.asarray(weights, np.float64)

@@ -167,6 +167,10 @@ def _compare_all(a: Analysis, cols: dict) -> None:
                                       "their content hash; they were left out of the paired test")
     for c, p in zip(a.comparisons, stats.holm([c.p for c in a.comparisons])):
         c.p_holm = p
+    floor = 1 / (stats.BOOT_RESAMPLES + 1)  # the smallest p a bootstrap test can give
+    if any(c.test == "paired bootstrap" for c in a.comparisons) and len(a.comparisons) * floor >= stats.ALPHA:
+        a.warnings.append(f"with {len(a.comparisons)} comparisons, a paired-bootstrap test (p >= {floor:.5f}) cannot "
+                          "reach Holm significance; F1 and perplexity differences are shown but never win")
 
 
 def _mmlu(a: Analysis, by_model: dict) -> None:
