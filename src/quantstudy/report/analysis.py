@@ -99,8 +99,14 @@ def _quant_key(m: ModelInfo, *drop: str) -> tuple | None:
         return None
     cal = s.get("calibration") or {}
     full = {"method": s.get("method"), "bits": s.get("bits"), "group_size": s.get("group_size"),
-            "symmetric": s.get("symmetric"), "source": cal.get("source"), "samples": cal.get("samples")}
+            "symmetric": s.get("symmetric"), "ignore": tuple(s.get("ignore") or ()), "source": cal.get("source"),
+            "samples": cal.get("samples"), "max_seq_len": cal.get("max_seq_len"), "seed": cal.get("seed")}
     return tuple(v for k, v in full.items() if k not in drop)
+
+
+def _weights(m: ModelInfo) -> str:
+    g = m.spec.get("group_size")
+    return f"W{m.spec.get('bits')} {'per-channel' if g is None else f'g{g}'}"
 
 
 def plan_pairs(models: list[ModelInfo]) -> list[Pair]:
@@ -118,17 +124,18 @@ def plan_pairs(models: list[ModelInfo]) -> list[Pair]:
                     samples = (base.spec.get("calibration") or {}).get("samples")
                     out.append(Pair(PairKind.training, base.name, tuned.name,
                                     f"{tuned.name} vs {base.name}: trained vs base, both {base.spec['method'].upper()} "
-                                    f"W{base.spec.get('bits')} g{base.spec.get('group_size')}"
+                                    f"{_weights(base)}"
                                     + (f", {samples} calibration samples" if samples else "")))
             elif a.spec.get("calibration") and _quant_key(a, "method") == _quant_key(b, "method"):
                 out.append(Pair(PairKind.method, a.name, b.name,
-                                f"{a.spec['method'].upper()} vs {b.spec['method'].upper()} at equal calibration "
-                                f"({a.spec['calibration'].get('samples')} {a.spec['calibration'].get('source')} samples)"))
+                                f"{a.spec['method'].upper()} vs {b.spec['method'].upper()}, {_weights(a)}, at equal "
+                                f"calibration ({a.spec['calibration'].get('samples')} "
+                                f"{a.spec['calibration'].get('source')} samples)"))
             elif a.spec.get("calibration") and _quant_key(a, "samples") == _quant_key(b, "samples"):
                 lo, hi = sorted((a, b), key=lambda m: m.spec["calibration"].get("samples") or 0)
                 out.append(Pair(PairKind.calibration, lo.name, hi.name,
                                 f"{lo.spec['calibration'].get('samples')} vs {hi.spec['calibration'].get('samples')} "
-                                f"calibration samples, {lo.spec['method'].upper()} at equal settings"))
+                                f"calibration samples, {lo.spec['method'].upper()} {_weights(lo)}"))
     return out
 
 
