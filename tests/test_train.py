@@ -126,6 +126,49 @@ def test_train_model_lora_merged_saved_and_recorded(tok, tmp_path):
     assert metrics["train.tokens"] == expect
 
 
+def test_killed_training_resumes_from_its_checkpoint(tok, tmp_path, monkeypatch):
+    """A run killed after step 5 of 8 resumes from checkpoint-4 and ends with the same weights
+    and loss curve as an uninterrupted run (data order, dropout RNG and optimizer restored)."""
+    from safetensors.torch import load_file
+
+    base_dir = tmp_path / "base"
+    tiny_model(tok, seed=2).save_pretrained(base_dir)
+    tok.save_pretrained(base_dir)
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"prompt": q, "response": a}) + "\n" for q, a in PAIRS[:8]))
+    cfg = parse_config({"name": "t", "model": {"source": str(base_dir)}, "evaluate": None,
+                        "train": {"source": "jsonl", "path": "d.jsonl", "samples": 8, "batch_size": 2,
+                                  "epochs": 2, "learning_rate": 5e-3, "max_seq_len": 64}})
+    base = ModelRecord("base", "baseline", str(base_dir))
+
+    def run(study: Path) -> tuple[dict, list, dict]:
+        ctx = RunContext(cfg, study, tmp_path, Store(study / "s.sqlite"), None, "cpu", quiet())
+        rec = train.train_model(ctx, base, study / "trained")
+        info = {n: i for _, n, _, i in ctx.store.metrics("trained")}["train.seconds"]
+        return load_file(Path(rec.path) / "model.safetensors"), ctx.store.series("trained", "loss"), info
+
+    straight, straight_curve, info = run(tmp_path / "a")
+    assert info["resumed_from"] is None
+    original = train.RichProgress.on_step_end
+
+    def killed_at_5(self, args, state, control, **kw):
+        if state.global_step == 5:
+            raise KeyboardInterrupt("simulated kill")
+        original(self, args, state, control, **kw)
+
+    monkeypatch.setattr(train.RichProgress, "on_step_end", killed_at_5)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b")
+    assert [p.name for p in (tmp_path / "b/cache").glob("sft-*/checkpoint-*")] == ["checkpoint-4"]
+    monkeypatch.setattr(train.RichProgress, "on_step_end", original)
+    resumed, resumed_curve, info = run(tmp_path / "b")
+    assert info["resumed_from"] == "checkpoint-4"
+    assert [s for s, _ in resumed_curve] == list(range(1, 9))
+    assert [v for _, v in resumed_curve] == pytest.approx([v for _, v in straight_curve], rel=1e-5)
+    for k in straight:
+        torch.testing.assert_close(resumed[k], straight[k])
+    assert not list((tmp_path / "b/cache").glob("sft-*"))  # checkpoints removed after success
+
+
 def test_completion_only_masking_hand_made(tok, tmp_path):
     """Prompt tokens get label -100; exactly the reply (and its end-of-turn) carry the loss."""
     from trl import SFTTrainer

@@ -15,6 +15,7 @@ every forward for memory a 0.1-1B model on CPU does not need), and length-groupe
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import time
@@ -24,6 +25,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
 
 from quantstudy import models, train_data
 from quantstudy.config import TrainConfig, TrainMethod, TrainSource
@@ -45,7 +47,7 @@ class RichProgress(TrainerCallback):
                                  TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TextColumn("left"),
                                  TimeRemainingColumn(), console=self.console, transient=False)
         self.progress.start()
-        self.task = self.progress.add_task(self.label, total=state.max_steps, loss="-")
+        self.task = self.progress.add_task(self.label, total=state.max_steps, loss="-", completed=state.global_step)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         if self.progress is not None:
@@ -94,8 +96,9 @@ def lora_config(cfg: TrainConfig) -> Any:
 
 
 def run_sft(model: Any, tok: Any, samples: list[Conversation], cfg: TrainConfig, args: Any,
-            console: Console, label: str = "SFT") -> Any:
-    """Train in place with SFTTrainer; returns the trainer (its .model is a PeftModel for LoRA)."""
+            console: Console, label: str = "SFT", resume: str | None = None) -> Any:
+    """Train in place with SFTTrainer (from checkpoint `resume` if given); returns the trainer
+    (its .model is a PeftModel for LoRA)."""
     import datasets
     from datasets import Dataset
     from transformers import PrinterCallback
@@ -116,7 +119,7 @@ def run_sft(model: Any, tok: Any, samples: list[Conversation], cfg: TrainConfig,
         if bars:
             datasets.enable_progress_bars()
     trainer.remove_callback(PrinterCallback)  # it prints every log dict; RichProgress shows them
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     return trainer
 
 
@@ -182,28 +185,37 @@ def train_model(ctx: RunContext, base: ModelRecord, out_dir: Path, name: str = "
     samples, held_out = plan_samples(ctx)
     if held_out:
         ctx.console.print(f"[dim]train: {held_out} pool rows held out because the study evaluates them[/]")
+    ids_hash = hashlib.sha256("\n".join(c.text_hash for c in samples).encode()).hexdigest()[:16]
     # Master weights in float32 whatever the study's dtype: AdamW updates are lost in bf16 weights.
     model, tok = models.load_pretrained(Path(base.path), device="cpu", dtype="float32",
                                         trust_remote_code=ctx.cfg.model.trust_remote_code)
-    args = sft_args(cfg, ctx.work_dir / "sft", ctx.device)
+    # Checkpoints (adapter or weights + optimizer + RNG state) at every fifth of the run, in a
+    # folder named by everything that shapes the run: a killed training resumes where it stopped.
+    run_key = hashlib.sha256(json.dumps([cfg.model_dump(mode="json"), ids_hash, base.weights_hash or base.path,
+                                         ctx.device]).encode()).hexdigest()[:16]
+    work = ctx.work_dir / f"sft-{run_key}"
+    resume = get_last_checkpoint(str(work)) if work.is_dir() else None
+    if resume:
+        ctx.console.print(f"[dim]train: resuming from {Path(resume).name}[/]")
+    args = sft_args(cfg, work, ctx.device, save_strategy="steps", save_steps=0.2, save_total_limit=1)
     t0 = time.perf_counter()
     with track_peak_memory(ctx.device) as mem:
-        trainer = run_sft(model, tok, samples, cfg, args, ctx.console)
+        trainer = run_sft(model, tok, samples, cfg, args, ctx.console, resume=resume)
     seconds = time.perf_counter() - t0
     merged = trainer.model.merge_and_unload() if cfg.method == TrainMethod.lora else trainer.model
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     save_model(merged, tok, out_dir, ctx.cfg.model.dtype.value)
-    shutil.rmtree(ctx.work_dir / "sft", ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
 
     curve = loss_curve(trainer)
     tokens = int(trainer.state.num_input_tokens_seen)
-    how = {"device": ctx.device, "bf16_autocast": bool(args.bf16), "steps": trainer.state.global_step}
+    how = {"device": ctx.device, "bf16_autocast": bool(args.bf16), "steps": trainer.state.global_step,
+           "resumed_from": Path(resume).name if resume else None}  # seconds cover this process's part only
     ctx.store.put_series(name, "loss", curve)
     ctx.store.put_metric(name, "train.seconds", seconds, how)
     ctx.store.put_metric(name, "train.final_loss", curve[-1][1] if curve else None, {"step": curve[-1][0] if curve else None})
     ctx.store.put_metric(name, "train.peak_rss_bytes", mem.bytes, mem.info())
     ctx.store.put_metric(name, "train.tokens", tokens, {"counted": "non-padding input tokens"})
-    ids_hash = hashlib.sha256("\n".join(c.text_hash for c in samples).encode()).hexdigest()[:16]
     spec = {"train": cfg.model_dump(mode="json"), "samples": len(samples), "samples_hash": ids_hash,
             "held_out": held_out, "bf16_autocast": bool(args.bf16), "steps": trainer.state.global_step,
             "describe": describe(cfg, len(samples))}
