@@ -64,6 +64,15 @@ def pair_verdict(comps: list[Comparison]) -> str | None:
     return winners.pop() if len(winners) == 1 else None
 
 
+def _pair_text(comps: list[Comparison], ref: str, other: str) -> str:
+    """Plain words for a pair without a preferred model: tied, or each better somewhere."""
+    wins = {m: [c.label for c in comps if c.better == m] for m in (ref, other)}
+    if not wins[ref] and not wins[other]:
+        return (f"no detectable difference (n = {min((c.n for c in comps), default=0)}, alpha = {stats.ALPHA} "
+                "after Holm)")
+    return "; ".join(f"{m} better on {', '.join(w)}" for m, w in wins.items() if w)
+
+
 def _keeps_accuracy(c: Comparison) -> bool:
     if not c.higher_is_better or c.ratio is None:  # perplexity, or the parent scored 0: nothing to lose
         return True
@@ -88,28 +97,26 @@ def recommendations(a: Analysis) -> list[Recommendation]:
     if any(m.mean_acc is not None for m in a.models):
         best = max((m for m in a.models if m.mean_acc is not None), key=lambda m: m.mean_acc)  # type: ignore[arg-type]
         comps = _vs_parent(a, best.name)
+        text = f"{best.name} (mean accuracy {100 * best.mean_acc:.1f}%)"  # type: ignore[operator]
         if not comps:
-            text = f"{best.name} (mean accuracy {100 * best.mean_acc:.1f}%); it is the reference model"  # type: ignore[operator]
+            text += "; it is the reference model"
         elif pair_verdict(comps) == best.name:
-            text = f"{best.name}: significantly better than its parent {best.parent}"
+            text += f": significantly better than its parent {best.parent}"
         else:
-            text = (f"{best.name} has the highest point estimate ({100 * best.mean_acc:.1f}%), but no detectable "  # type: ignore[operator]
-                    f"difference from its parent {best.parent}; treat them as tied")
+            text += f", the highest point estimate; vs its parent {best.parent}: {_pair_text(comps, best.parent, best.name)}"
         out.append(Recommendation("most accurate", RULE_BEST, text, best.name))
     for kind in (PairKind.training, PairKind.method, PairKind.calibration):
         for p in a.pairs_of(kind):
             comps = a.between(p.ref, p.other) or a.between(p.other, p.ref)
             win = pair_verdict(comps)
-            verdict = f"prefer {win}" if win else (
-                f"no preference: no detectable difference (n = {min((c.n for c in comps), default=0)}, "
-                f"alpha = {stats.ALPHA} after Holm)")
-            if comps and win is None and any(c.better for c in comps):
-                verdict = "no preference: each model wins on some metric"
+            verdict = f"prefer {win}" if win else f"no preference: {_pair_text(comps, p.ref, p.other)}"
             out.append(Recommendation(f"{kind.value}: {p.ref} vs {p.other}", RULE_PAIR, verdict, win))
-    parent_pairs = [p for p in a.pairs_of(PairKind.parent) if a.model(p.other).role == "trained"]
-    for p in parent_pairs:
-        win = pair_verdict(a.between(p.ref, p.other))
+    for p in a.pairs_of(PairKind.parent):
+        if a.model(p.other).role != "trained":
+            continue
+        comps = a.between(p.ref, p.other)
+        win = pair_verdict(comps)
         verdict = {p.other: "train: the trained model is better", p.ref: "do not train: training made it worse"}.get(
-            win or "", "training effect not detected at this sample size")
+            win or "", f"no preference: {_pair_text(comps, p.ref, p.other)}")
         out.append(Recommendation(f"training: {p.ref} vs {p.other}", RULE_PAIR, verdict, win))
     return out
