@@ -1,0 +1,168 @@
+"""FastScorer against two independent references: a direct full-sequence float64 computation
+and lm-eval's own HFLM on the same tiny model (float64, so differences are rounding only)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lm_eval.api.instance import Instance
+from lm_eval.models.huggingface import HFLM
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from quantstudy import fastscore
+from quantstudy.fastscore import FastScorer, generate_tokens
+from quantstudy.scoring import GenRequest, LLRequest
+
+CORPUS = ["Question: What is the capital of France?\nAnswer: Paris is the capital.",
+          "The quick brown fox jumps over the lazy dog. A dog sleeps in the sun.",
+          "Rain falls on the plain in Spain; the sun sets in the west."] * 30
+CTX = "Question: What is the capital of France?\nAnswer:"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A byte-level BPE trained here (real merges, so token boundaries matter) and a random Llama."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=320, special_tokens=["<bos>", "<eos>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<bos>", eos_token="<eos>", pad_token="<eos>")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=48,
+                      bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    model = LlamaForCausalLM(cfg).double().eval()
+    model.generation_config.eos_token_id = 1
+    return model, tok
+
+
+def requests() -> list[LLRequest]:
+    conts = [" Paris", " Lyon is big", " a", " the quick brown fox jumps", " Paris"]  # a duplicate too
+    reqs = [LLRequest(CTX, c) for c in conts]
+    reqs += [LLRequest("The quick ", "brown fox"),  # trailing space moves to the continuation
+             LLRequest("", "hello world"),  # empty context: conditioned on BOS
+             LLRequest("Rain falls on the plain in Spain; the sun sets in the west. " * 3, "The dog"),  # > max_length
+             LLRequest("A dog", " sleeps")]
+    return reqs
+
+
+def direct(model, ctx: list[int], cont: list[int], max_length: int) -> float:
+    """Full-sequence log p(cont | ctx), computed one sequence at a time."""
+    whole = (ctx + cont)[-(max_length + 1):]
+    with torch.no_grad():
+        lp = model(torch.tensor([whole[:-1]])).logits.log_softmax(-1)[0]
+    n = len(whole) - 1
+    return sum(lp[n - len(cont) + j, cont[j]].item() for j in range(len(cont)))
+
+
+def hflm(model, tok, max_length: int | None = None) -> HFLM:
+    return HFLM(pretrained=model, tokenizer=tok, batch_size=3, device="cpu", max_length=max_length)
+
+
+def test_matches_full_sequence_and_lm_eval(tiny):
+    model, tok = tiny
+    fs = FastScorer(model, tok, batch_size=2)
+    reqs = requests()
+    got = fs.loglikelihood(reqs)
+    assert fs.max_length == 48  # HFLM's rule: config.max_position_embeddings
+    for r, g in zip(reqs, got):
+        ctx, cont = fs.encode_pair(r.context, r.continuation)
+        assert g.n_tokens == len(cont)
+        assert g.logprob == pytest.approx(direct(model, ctx, cont, fs.max_length), abs=1e-9)
+    ref = hflm(model, tok).loglikelihood(
+        [Instance("loglikelihood", {}, (r.context, r.continuation), i) for i, r in enumerate(reqs)])
+    assert [g.logprob for g in got] == pytest.approx([lp for lp, _ in ref], abs=1e-9)
+    assert [g.is_greedy for g in got] == [gr for _, gr in ref]
+
+
+@pytest.mark.parametrize("width", [4, 12, 256])  # rows of one unit, solo causal rows, all packed
+def test_batching_and_packing_do_not_change_results(tiny, monkeypatch, width):
+    model, tok = tiny
+    reqs = requests()
+    monkeypatch.setattr(fastscore, "PACK_WIDTH", width)
+    one = FastScorer(model, tok, batch_size=1).loglikelihood(reqs)
+    many = FastScorer(model, tok, batch_size=16, max_batch_tokens=40).loglikelihood(reqs)
+    for r, a, b in zip(reqs, one, many):
+        ctx, cont = FastScorer(model, tok).encode_pair(r.context, r.continuation)
+        assert a.logprob == pytest.approx(direct(model, ctx, cont, 48), abs=1e-9)
+        assert b.logprob == pytest.approx(a.logprob, abs=1e-10) and a.is_greedy == b.is_greedy
+
+
+def test_is_greedy_against_lm_eval_tokens(tiny):
+    model, tok = tiny
+    ctx = tok.encode(CTX)
+    with torch.no_grad():
+        greedy = model.generate(torch.tensor([ctx]), max_new_tokens=4, do_sample=False, pad_token_id=1)[0, len(ctx):]
+    greedy = greedy.tolist()
+    other = greedy[:-1] + [(greedy[-1] + 1) % len(tok)]  # same but the last token is not the argmax
+    pairs = [(ctx, greedy), (ctx, other), (ctx, greedy[:1])]
+    got = FastScorer(model, tok).score_tokens(pairs)
+    assert [g for _, g in got] == [True, False, True]
+    ref = hflm(model, tok)._loglikelihood_tokens([(None, c, k) for c, k in pairs])
+    assert got == [(pytest.approx(lp, abs=1e-9), g) for lp, g in ref]
+
+
+def test_rolling_matches_lm_eval_windows(tiny):
+    model, tok = tiny
+    texts = [" ".join(CORPUS[:3]), "The quick brown fox."]  # the first needs several 16-token windows
+    got = FastScorer(model, tok, max_length=16).loglikelihood_rolling(texts)
+    ref = hflm(model, tok, max_length=16).loglikelihood_rolling(
+        [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)])
+    assert [g.logprob for g in got] == pytest.approx(ref, abs=1e-9)
+    assert got[1].n_tokens == len(tok.encode(texts[1]))
+    # a text within one window: plain sum of log p(token_t | BOS, tokens_<t)
+    toks = tok.encode(texts[1])
+    assert got[1].logprob == pytest.approx(direct(model, [0], toks, 16), abs=1e-9)
+
+
+def test_generate_matches_hf_greedy_and_stops_per_sequence(tiny):
+    model, tok = tiny
+    prompts = [tok.encode(CTX), tok.encode("The"), tok.encode("Rain falls on the plain")]
+    gens = generate_tokens(model, tok, prompts, 6, stops=[])
+    for p, g in zip(prompts, gens):  # batched with left padding == one at a time through HF generate
+        with torch.no_grad():
+            ref = model.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False, pad_token_id=1)[0, len(p):]
+        assert g.tokens == ref.tolist()
+        assert g.hit_max and 0 < g.ttft_s <= g.seconds
+    # a stop string from the first sequence's 2nd token: each sequence stops at its own first
+    # occurrence (computed from the unstopped run), the others run on unaffected
+    stop = tok.decode(gens[0].tokens[1:2])
+
+    def first_hit(toks: list[int]) -> int:
+        return next((k for k in range(1, len(toks) + 1) if stop in tok.decode(toks[:k])), len(toks))
+
+    rows: list[int] = []  # batch rows per forward pass: a stopped sequence must cost nothing more
+    hook = model.model.embed_tokens.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[0]))
+    try:
+        cut = generate_tokens(model, tok, prompts, 6, stops=[stop])
+    finally:
+        hook.remove()
+    assert rows[0] == 3 and sum(rows[1:]) == sum(len(c.tokens) - 1 for c in cut)
+    assert len(cut[0].tokens) <= 2 and not cut[0].hit_max
+    for g, c in zip(gens, cut):
+        assert c.tokens == g.tokens[:first_hit(g.tokens)]
+        assert c.hit_max == (stop not in tok.decode(g.tokens))
+    # EOS stops a sequence too (the EOS token is counted, as it was generated)
+    eos = gens[1].tokens[2]
+    model.generation_config.eos_token_id = eos
+    try:
+        cut = generate_tokens(model, tok, prompts, 6, stops=[])
+    finally:
+        model.generation_config.eos_token_id = 1
+    for g, c in zip(gens, cut):
+        k = g.tokens.index(eos) + 1 if eos in g.tokens else len(g.tokens)
+        assert c.tokens == g.tokens[:k]
+
+
+def test_generate_matches_lm_eval_generate_until(tiny):
+    model, tok = tiny
+    reqs = [GenRequest(CTX, ("\n",), 8), GenRequest("The quick", (".", "dog"), 5), GenRequest("Rain", (), 7)]
+    got = FastScorer(model, tok, batch_size=2).generate(reqs)
+    ref = hflm(model, tok).generate_until(
+        [Instance("generate_until", {}, (r.context, {"until": list(r.until), "max_gen_toks": r.max_new_tokens,
+                                                     "do_sample": False}), i) for i, r in enumerate(reqs)])
+    assert [g.text for g in got] == ref
+    for g, r in zip(got, reqs):
+        assert 1 <= g.n_tokens <= r.max_new_tokens and g.hit_max == (g.n_tokens == r.max_new_tokens) or not g.hit_max
