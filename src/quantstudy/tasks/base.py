@@ -121,7 +121,8 @@ class Task:
 
     def fewshot_docs(self, data_dir: Path | None) -> dict[str, list[Doc]]:
         """Few-shot pools keyed by `fewshot_group(doc)`; raises if the split is not available."""
-        raise QuantStudyError(f"{self.name.value}: few-shot examples are not available for this task",
+        where = "in the offline data (it holds no few-shot split)" if data_dir else "for this task"
+        raise QuantStudyError(f"{self.name.value}: few-shot examples are not available {where}",
                               field="evaluate.num_fewshot", fix=f"set num_fewshot: 0 for {self.name.value}")
 
     def fewshot_group(self, doc: Doc) -> str:

@@ -57,12 +57,17 @@ class HellaSwagTask(Task):
             out.append({"query": restore_ctx_b(lines[k]), "choices": lines[k + 2:k + 6], "gold": int(gold)})
         return out
 
-    def from_hub(self) -> list[Doc]:
+    def fewshot_docs(self, data_dir: Path | None) -> dict[str, list[Doc]]:
+        if data_dir is not None:
+            return super().fewshot_docs(data_dir)  # the offline file is the validation split only
+        return {"": self.from_hub("train")}
+
+    def from_hub(self, split: str = "validation") -> list[Doc]:
         from lm_eval.tasks.hellaswag.utils import preprocess  # lm-eval's own cleaning
 
         return [{"query": preprocess(r["activity_label"] + ": " + r["ctx_a"] + " " + r["ctx_b"].capitalize()),
                  "choices": [preprocess(e) for e in r["endings"]], "gold": int(r["label"])}
-                for r in hub_rows(self.name.value, self.hub, None, "validation")]
+                for r in hub_rows(self.name.value, self.hub, None, split)]
 
     def doc_to_text(self, doc: Doc) -> str:
         return doc["query"]
