@@ -124,22 +124,14 @@ def _pack(units: list[_Unit], width: int) -> list[list[_Unit]]:
     return rows
 
 
-class FastScorer:
-    name = "prefix-shared"
+class LMEvalTokens:
+    """lm-eval 0.4.13 HFLM's tokenization: BOS rule, context/continuation split, empty context."""
 
-    def __init__(self, model: Any, tokenizer: Any, batch_size: int = 16, device: str = "cpu",
-                 max_length: int | None = None, max_batch_tokens: int | None = None):
-        self.model, self.tok, self.device = model.eval(), tokenizer, device
-        self.batch_size = batch_size  # rows per forward pass (a row holds one or more contexts)
-        # token budget per forward pass: bounds activation memory for long rows (perplexity windows)
-        self.max_batch_tokens = max_batch_tokens or batch_size * 1024
-        # HFLM.max_length: config n_positions/max_position_embeddings/n_ctx, tokenizer, else 2048
-        self.max_length = max_length or resolve_max_length(model.config, tokenizer, default=2048)
+    def __init__(self, tokenizer: Any):
+        self.tok = tokenizer
         self.prefix_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         self._prefix_str = tokenizer.decode(self.prefix_token_id)
-        self._split_head = self._head_is_separable()
 
-    # ------------------------------------------------------------------ tokenization (HFLM rules)
     def tok_encode(self, s: str, add_special_tokens: bool | None = None) -> list[int]:
         if add_special_tokens is None and s.startswith(self._prefix_str):
             add_special_tokens = False  # the text already starts with BOS: don't add another
@@ -155,6 +147,21 @@ class FastScorer:
             context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
         whole, ctx = self.tok_encode(context + continuation), self.tok_encode(context)
         return ctx, whole[len(ctx):]
+
+
+class FastScorer(LMEvalTokens):
+    name = "prefix-shared"
+
+    def __init__(self, model: Any, tokenizer: Any, batch_size: int = 16, device: str = "cpu",
+                 max_length: int | None = None, max_batch_tokens: int | None = None):
+        super().__init__(tokenizer)
+        self.model, self.device = model.eval(), device
+        self.batch_size = batch_size  # rows per forward pass (a row holds one or more contexts)
+        # token budget per forward pass: bounds activation memory for long rows (perplexity windows)
+        self.max_batch_tokens = max_batch_tokens or batch_size * 1024
+        # HFLM.max_length: config n_positions/max_position_embeddings/n_ctx, tokenizer, else 2048
+        self.max_length = max_length or resolve_max_length(model.config, tokenizer, default=2048)
+        self._split_head = self._head_is_separable()
 
     # ------------------------------------------------------------------ Scorer API
     def loglikelihood(self, requests: list[LLRequest]) -> list[LLResult]:
