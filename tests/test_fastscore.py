@@ -11,7 +11,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from quantstudy import fastscore
-from quantstudy.fastscore import FastScorer, generate_tokens
+from quantstudy.fastscore import FastScorer
+from quantstudy.generation import generate_tokens
 from quantstudy.scoring import GenRequest, LLRequest
 
 CORPUS = ["Question: What is the capital of France?\nAnswer: Paris is the capital.",

@@ -25,76 +25,12 @@ import torch
 from lm_eval.models.utils import resolve_max_length
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from quantstudy.generation import generate_tokens
 from quantstudy.scoring import GenRequest, GenResult, LLRequest, LLResult, RollingResult
 
 PACK_MAX_TOKENS = 2048  # longest unit with several continuations: its mask costs 4 * L^2 bytes
-PACK_WIDTH = 256  # short units share rows this wide (a wider row costs attention ~ L^2 on masked-out pairs)
+PACK_WIDTH = 512  # widest row for short units; longer single-continuation units run unpacked
 HEAD_CHUNK = 512  # positions per vocabulary projection: 512 x vocab floats (100 MB at 49k)
-
-
-@dataclass
-class Generation:
-    tokens: list[int]  # generated ids, up to and including the one that completed a stop
-    hit_max: bool  # ran to max_new_tokens without a stop
-    ttft_s: float  # prompt processing + first token, from the start of the batch
-    seconds: float  # start of the batch until this sequence stopped
-
-
-@torch.inference_mode()
-def generate_tokens(model: Any, tok: Any, prompts: list[list[int]], max_new: int, stops: list[str],
-                    device: str = "cpu") -> list[Generation]:
-    """Greedy decoding of a left-padded batch with a KV cache.
-
-    Each sequence stops at EOS or at its first stop string (checked on the decoded text, as
-    lm-eval's stopping criteria do); a stopped sequence is dropped from the batch and its
-    cache rows with it, so it costs no further compute.
-    """
-    from transformers import DynamicCache
-
-    eos = {tok.eos_token_id} | set(_as_list(getattr(model.generation_config, "eos_token_id", None)))
-    eos.discard(None)
-    n, width = len(prompts), max(len(p) for p in prompts)
-    ids = torch.full((n, width), tok.pad_token_id or 0, dtype=torch.long)
-    attn = torch.zeros(n, width, dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids[b, width - len(p):], attn[b, width - len(p):] = torch.tensor(p), 1
-    ids, attn = ids.to(device), attn.to(device)
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)  # as HF generate: positions count real tokens only
-    cache = DynamicCache(config=model.config)
-    out: list[list[int]] = [[] for _ in range(n)]
-    res: list[Generation | None] = [None] * n
-    live = list(range(n))  # batch row -> sequence index
-    t0, ttft = time.perf_counter(), 0.0
-    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache,
-                   use_cache=True, logits_to_keep=1).logits
-    for step in range(max_new):
-        nxt = logits[:, -1].argmax(-1)
-        if step == 0:
-            ttft = time.perf_counter() - t0
-        keep = []
-        for r, (b, t) in enumerate(zip(live, nxt.tolist())):
-            out[b].append(t)
-            stopped = t in eos or any(s in tok.decode(out[b]) for s in stops)
-            if stopped or step == max_new - 1:
-                res[b] = Generation(out[b], not stopped, ttft, time.perf_counter() - t0)
-            else:
-                keep.append(r)
-        if not keep:
-            break
-        if len(keep) < len(live):  # drop finished rows from the batch and the cache
-            sel = torch.tensor(keep, device=device)
-            cache.batch_select_indices(sel)
-            nxt, attn, pos = nxt[sel], attn[sel], pos[sel]
-            live = [live[r] for r in keep]
-        attn = torch.cat([attn, attn.new_ones(len(live), 1)], dim=1)
-        pos = pos[:, -1:] + 1
-        logits = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos, past_key_values=cache,
-                       use_cache=True).logits
-    return res  # type: ignore[return-value]
-
-
-def _as_list(x: Any) -> list[Any]:
-    return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
 @dataclass
@@ -106,6 +42,19 @@ class _Unit:
 
     def __len__(self) -> int:
         return len(self.ctx) + sum(len(c) - 1 for _, c in self.conts)
+
+
+def _pack_best(units: list[_Unit], lin: float, att: float) -> list[list[_Unit]]:
+    """Pack at the row width with the least estimated work: a batch of rows padded to width w
+    costs rows * w * (lin + att * w) (layers, plus attention over masked-out pairs too)."""
+    longest = max(map(len, units), default=1)
+    widths = [longest] + [w for w in (64, 96, 128, 192, 256, 384, 512) if longest < w <= PACK_WIDTH]
+
+    def cost(rows: list[list[_Unit]]) -> float:
+        w = max((sum(map(len, r)) for r in rows), default=0)
+        return len(rows) * w * (lin + att * w)
+
+    return min((_pack(units, w) for w in widths), key=cost)
 
 
 def _pack(units: list[_Unit], width: int) -> list[list[_Unit]]:
@@ -162,6 +111,11 @@ class FastScorer(LMEvalTokens):
         # HFLM.max_length: config n_positions/max_position_embeddings/n_ctx, tokenizer, else 2048
         self.max_length = max_length or resolve_max_length(model.config, tokenizer, default=2048)
         self._split_head = self._head_is_separable()
+        # FLOPs per token of the layers (2 x weights) and per query-key pair of attention (4 x width x layers)
+        cfg = model.config.get_text_config()
+        emb = sum(p.numel() for m in (model.get_input_embeddings(),) for p in m.parameters())
+        self._cost = (2.0 * (sum(p.numel() for p in model.get_decoder().parameters()) - emb),
+                      4.0 * cfg.hidden_size * cfg.num_hidden_layers)
 
     # ------------------------------------------------------------------ Scorer API
     def loglikelihood(self, requests: list[LLRequest]) -> list[LLResult]:
@@ -230,7 +184,7 @@ class FastScorer(LMEvalTokens):
         solo = [[u] for u in units if len(u.conts) == 1 and len(u) > PACK_WIDTH]
         packed = [u for u in units if not (len(u.conts) == 1 and len(u) > PACK_WIDTH)]
         results: list[tuple[float, bool] | None] = [None] * len(pairs)
-        for rows, masked in ((solo, False), (_pack(packed, max([PACK_WIDTH] + [len(u) for u in packed])), True)):
+        for rows, masked in ((solo, False), (_pack_best(packed, *self._cost), True)):
             rows.sort(key=lambda r: sum(map(len, r)), reverse=True)  # similar lengths share a batch
             start = 0
             while start < len(rows):

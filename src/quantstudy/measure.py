@@ -74,7 +74,7 @@ def _bench(job: dict[str, Any], out: Any) -> None:
     """Child process: load the model, warm up, generate for every prompt, report stats and peak."""
     import torch
 
-    from quantstudy.fastscore import generate_tokens
+    from quantstudy.generation import generate_tokens
     from quantstudy.models import load_pretrained
 
     rss_before = _status("VmRSS")

@@ -1,0 +1,74 @@
+"""Batched greedy generation with a KV cache; each sequence stops on its own stop condition."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Generation:
+    tokens: list[int]  # generated ids, up to and including the one that completed a stop
+    hit_max: bool  # ran to max_new_tokens without a stop
+    ttft_s: float  # prompt processing + first token, from the start of the batch
+    seconds: float  # start of the batch until this sequence stopped
+
+
+@torch.inference_mode()
+def generate_tokens(model: Any, tok: Any, prompts: list[list[int]], max_new: int, stops: list[str],
+                    device: str = "cpu") -> list[Generation]:
+    """Greedy decoding of a left-padded batch with a KV cache.
+
+    Each sequence stops at EOS or at its first stop string (checked on the decoded text, as
+    lm-eval's stopping criteria do); a stopped sequence is dropped from the batch and its
+    cache rows with it, so it costs no further compute.
+    """
+    from transformers import DynamicCache
+
+    eos = {tok.eos_token_id} | set(_as_list(getattr(model.generation_config, "eos_token_id", None)))
+    eos.discard(None)
+    n, width = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((n, width), tok.pad_token_id or 0, dtype=torch.long)
+    attn = torch.zeros(n, width, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p):], attn[b, width - len(p):] = torch.tensor(p), 1
+    ids, attn = ids.to(device), attn.to(device)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)  # as HF generate: positions count real tokens only
+    cache = DynamicCache(config=model.config)
+    out: list[list[int]] = [[] for _ in range(n)]
+    res: list[Generation | None] = [None] * n
+    live = list(range(n))  # batch row -> sequence index
+    t0, ttft = time.perf_counter(), 0.0
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache,
+                   use_cache=True, logits_to_keep=1).logits
+    for step in range(max_new):
+        nxt = logits[:, -1].argmax(-1)
+        if step == 0:
+            ttft = time.perf_counter() - t0
+        keep = []
+        for r, (b, t) in enumerate(zip(live, nxt.tolist())):
+            out[b].append(t)
+            stopped = t in eos or any(s in tok.decode(out[b]) for s in stops)
+            if stopped or step == max_new - 1:
+                res[b] = Generation(out[b], not stopped, ttft, time.perf_counter() - t0)
+            else:
+                keep.append(r)
+        if not keep:
+            break
+        if len(keep) < len(live):  # drop finished rows from the batch and the cache
+            sel = torch.tensor(keep, device=device)
+            cache.batch_select_indices(sel)
+            nxt, attn, pos = nxt[sel], attn[sel], pos[sel]
+            live = [live[r] for r in keep]
+        attn = torch.cat([attn, attn.new_ones(len(live), 1)], dim=1)
+        pos = pos[:, -1:] + 1
+        logits = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos, past_key_values=cache,
+                       use_cache=True).logits
+    return res  # type: ignore[return-value]
+
+
+def _as_list(x: Any) -> list[Any]:
+    return list(x) if isinstance(x, (list, tuple)) else [x]
