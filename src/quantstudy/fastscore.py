@@ -143,14 +143,16 @@ class FastScorer(LMEvalTokens):
             groups[(r.until, r.max_new_tokens)].append(i)
         for (until, max_new), idx in groups.items():
             stops = list(until) + ([eos] if eos and eos not in until else [])
-            # lm-eval: tok_batch_encode decides special tokens from the first string; left-truncate
-            add_special = False if self.tok.bos_token and requests[idx[0]].context.startswith(self.tok.bos_token) else None
-            enc = {i: self.tok_encode(requests[i].context, add_special)[-(self.max_length - max_new):] for i in idx}
-            idx.sort(key=lambda i: -len(enc[i]))  # similar lengths together: less left padding
+            # lm-eval: sort by length (longest first: similar lengths share a batch), then each batch's
+            # first string decides whether special tokens are added; contexts are left-truncated
+            idx.sort(key=lambda i: -len(self.tok_encode(requests[i].context)))
             for b in range(0, len(idx), self.batch_size):
                 chunk = idx[b:b + self.batch_size]
+                bos = self.tok.bos_token
+                kw = {"add_special_tokens": False} if bos and requests[chunk[0]].context.startswith(bos) else {}
+                enc = [self.tok.encode(requests[i].context, **kw)[-(self.max_length - max_new):] for i in chunk]
                 t0 = time.perf_counter()
-                gens = generate_tokens(self.model, self.tok, [enc[i] for i in chunk], max_new, stops, self.device)
+                gens = generate_tokens(self.model, self.tok, enc, max_new, stops, self.device)
                 per_req = (time.perf_counter() - t0) / len(chunk)
                 for i, g in zip(chunk, gens):
                     text = self.tok.decode(g.tokens, skip_special_tokens=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
 import queue
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -77,7 +78,7 @@ def _bench(job: dict[str, Any], out: Any) -> None:
     from quantstudy.generation import generate_tokens
     from quantstudy.models import load_pretrained
 
-    rss_before = _status("VmRSS")
+    rss_before, load_before = _status("VmRSS"), os.getloadavg()[0]
     if job["device"] == "cuda":
         torch.cuda.reset_peak_memory_stats()
     model, tok = load_pretrained(Path(job["path"]), device=job["device"], dtype=job["dtype"],
@@ -97,7 +98,8 @@ def _bench(job: dict[str, Any], out: Any) -> None:
     packed = any(type(m).__name__ == "CompressedLinear" for m in model.modules())
     peak = torch.cuda.max_memory_allocated() if job["device"] == "cuda" else _status("VmHWM")
     out.put(("done", {"stats": stats, "peak": int(peak), "rss_before_load": rss_before, "chat_template": chat,
-                      "packed": packed, "threads": torch.get_num_threads()}))
+                      "packed": packed, "threads": torch.get_num_threads(),
+                      "load_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)]}))
 
 
 def _run_child(ctx: RunContext, job: dict[str, Any], label: str) -> dict[str, Any]:
@@ -145,6 +147,8 @@ def measure_model(ctx: RunContext, model: ModelRecord) -> None:
             "device": ctx.device, "dtype": job["dtype"], "n_prompts": len(prompts),
             "max_new_tokens": speed.max_new_tokens, "warmup": speed.warmup, "batch_size": 1,
             "chat_template": res["chat_template"], "threads": res["threads"],
+            # other processes on the machine slow CPU timings: the 1-minute load before/after says how busy it was
+            "cpu_load_1m": res["load_1m"],
             "prompts": "sharegpt " + ("offline" if ctx.data_dir else "hub") + f", first {len(prompts)} user turns",
             "measured": "wall clock per request, greedy, EOS counted as a token"}
     mem_info = {**info, "measured": "CUDA allocator peak (torch.cuda.max_memory_allocated)" if ctx.device == "cuda"
