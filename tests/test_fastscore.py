@@ -167,3 +167,18 @@ def test_generate_matches_lm_eval_generate_until(tiny):
     assert [g.text for g in got] == ref
     for g, r in zip(got, reqs):
         assert 1 <= g.n_tokens <= r.max_new_tokens and g.hit_max == (g.n_tokens == r.max_new_tokens) or not g.hit_max
+
+
+def test_same_answers_as_the_lm_eval_scorer(tiny):
+    from quantstudy.lmeval_backend import LMEvalScorer
+
+    model, tok = tiny
+    ours, ref = FastScorer(model, tok, batch_size=4), LMEvalScorer(model, tok, batch_size=4)
+    reqs = requests()
+    assert [(r.logprob, r.is_greedy, r.n_tokens) for r in ours.loglikelihood(reqs)] == [
+        (pytest.approx(r.logprob, abs=1e-9), r.is_greedy, r.n_tokens) for r in ref.loglikelihood(reqs)]
+    texts = [" ".join(CORPUS[:4]), "Rain falls."]
+    assert [r.logprob for r in ours.loglikelihood_rolling(texts)] == pytest.approx(
+        [r.logprob for r in ref.loglikelihood_rolling(texts)], abs=1e-9)
+    gens = [GenRequest(CTX, ("\n",), 8), GenRequest("The quick", (" the",), 6)]
+    assert [g.text for g in ours.generate(gens)] == [g.text for g in ref.generate(gens)]
