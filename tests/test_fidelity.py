@@ -201,6 +201,9 @@ def test_bad_settings_name_the_field(tmp_path: Path, tiny: dict[str, Path]) -> N
     ctx = _ctx(tmp_path, tiny, source=str(tmp_path / "missing.txt"))
     with pytest.raises(QuantStudyError, match="fidelity.source"):
         fidelity_model(ctx, _rec("v", tiny["noisy"]), _rec("base", tiny["base"], "baseline"))
+    ctx = _ctx(tmp_path / "long", tiny, context_length=300)  # the tiny models have 256 positions
+    with pytest.raises(QuantStudyError, match="fidelity.context_length.*300"):
+        fidelity_model(ctx, _rec("v", tiny["noisy"]), _rec("base", tiny["base"], "baseline"))
     with pytest.raises(QuantStudyError, match="stride"):
         parse_config({"name": "t", "model": {"source": "x/y"}, "fidelity": {"context_length": 64, "stride": 65}})
 

@@ -264,11 +264,16 @@ def answer_metrics(ctx: RunContext, variant: str, baseline: str) -> dict[str, tu
 # --------------------------------------------------------------------------- stage entry point
 def fidelity_model(ctx: RunContext, variant: ModelRecord, baseline: ModelRecord) -> None:
     """Store fidelity.* metrics of `variant` against `baseline` (see the module docstring)."""
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     fcfg = ctx.cfg.fidelity or FidelityConfig()
+    trc = ctx.cfg.model.trust_remote_code
+    max_pos = getattr(AutoConfig.from_pretrained(baseline.path, trust_remote_code=trc), "max_position_embeddings", None)
+    if max_pos is not None and fcfg.context_length > max_pos:
+        raise QuantStudyError(f"fidelity windows are longer than {baseline.name} supports", value=fcfg.context_length,
+                              field="fidelity.context_length", fix=f"set fidelity.context_length <= {max_pos}")
     text, source = load_text(fcfg.source, ctx.data_dir, ctx.config_dir)
-    btok = AutoTokenizer.from_pretrained(baseline.path, trust_remote_code=ctx.cfg.model.trust_remote_code)
+    btok = AutoTokenizer.from_pretrained(baseline.path, trust_remote_code=trc)
     ids = tokenize(btok, text, fcfg.tokens)
     if len(ids) < 2:
         raise QuantStudyError("the fidelity text has fewer than 2 tokens", field="fidelity.source", value=fcfg.source,
