@@ -24,6 +24,7 @@ from quantstudy.errors import QuantStudyError
 from quantstudy.scoring import GenRequest, LLRequest, Scorer
 from quantstudy.tasks import Item, Kind, Task, build_context, continuation_prefix, get_task, pick_fewshot
 from quantstudy.tasks.base import ChatFn, sha
+from quantstudy.faults import failpoint
 
 
 @dataclass(frozen=True)
@@ -165,6 +166,7 @@ def evaluate_model(ctx: RunContext, model: st.ModelRecord) -> None:
                 chunk = todo[b:b + step]
                 recs = score_prompts(task, chunk, lazy.scorer(), ecfg.max_new_tokens, chat is not None)
                 ctx.store.put_items(model.name, recs)
+                failpoint("evaluate-mid")  # tests kill here: the batch is stored, the rest is not
                 have.update((r.item_id, r) for r in recs)
                 progress.advance(bar, len(chunk))
             write_metrics(ctx, model.name, task, spec, [have[p.item.id] for p in prompts])

@@ -22,6 +22,7 @@ from quantstudy.report.document import Document
 from quantstudy.report.jsonout import results
 from quantstudy.report.recommend import RankRow, Recommendation
 from quantstudy.store import Store
+from quantstudy.faults import failpoint
 
 FORMATS = ("md", "html", "json")
 
@@ -48,6 +49,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        failpoint("report-write")  # tests kill here: a temp file exists, the report does not
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
