@@ -126,6 +126,32 @@ def test_train_model_lora_merged_saved_and_recorded(tok, tmp_path):
     assert metrics["train.tokens"] == expect
 
 
+def test_lora_trained_on_bf16_base_merges_into_float32_weights(tok, tmp_path):
+    """With bf16 the frozen base trains in bf16; the merged model is the float32 base plus
+    (alpha / r) * B @ A, computed here by hand in float64 from the trained adapter."""
+    from peft import get_peft_model_state_dict
+
+    tiny_model(tok, seed=3).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    cfg = TrainConfig(samples=4, batch_size=2, max_steps=2, learning_rate=1e-2, max_seq_len=64,
+                      lora={"r": 4, "alpha": 8})
+    samples = [conv(i, q, a) for i, (q, a) in enumerate(PAIRS[:4])]
+    trainer, merged, _ = train.fit(tmp_path / "base", samples, cfg, "cpu", quiet(), tmp_path / "w")
+    assert trainer.args.bf16 == train.bf16_supported("cpu")
+    if trainer.args.bf16:
+        assert trainer.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.bfloat16
+    adapter = get_peft_model_state_dict(trainer.model)
+    base32 = tiny_model(tok, seed=3).state_dict()
+    merged_sd = merged.state_dict()
+    assert all(v.dtype == torch.float32 for v in merged_sd.values())
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        a = adapter[f"base_model.model.{name}.lora_A.weight"].double()
+        b = adapter[f"base_model.model.{name}.lora_B.weight"].double()
+        assert b.abs().max() > 0  # the adapter did train
+        expect = base32[f"{name}.weight"].double() + (8 / 4) * b @ a
+        torch.testing.assert_close(merged_sd[f"{name}.weight"].double(), expect, rtol=0, atol=1e-6)
+
+
 def test_killed_training_resumes_from_its_checkpoint(tok, tmp_path, monkeypatch):
     """A run killed after step 5 of 8 resumes from checkpoint-4 and ends with the same weights
     and loss curve as an uninterrupted run (data order, dropout RNG and optimizer restored)."""
