@@ -55,6 +55,8 @@ def quiet_library_logs(debug: bool) -> None:
     The sink looks up sys.stderr at each write, so a swapped stream (tests, pipes) stays valid."""
     from loguru import logger
 
+    # llm-compressor re-installs its own console sink when it is used; it reads this variable
+    os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "DEBUG" if debug else "WARNING")
     logger.remove()
     logger.add(lambda m: sys.stderr.write(m), level="DEBUG" if debug else "WARNING",
                format="{time:HH:mm:ss} | {level} | {message}")
