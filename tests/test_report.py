@@ -183,3 +183,19 @@ def test_bootstrap_p_floor_warning(store: Store, monkeypatch: pytest.MonkeyPatch
     assert any("cannot reach Holm significance" in w for w in a.warnings)
     assert not [c for c in a.comparisons if c.test == "paired bootstrap" and c.significant]
     assert min(c.p for c in a.comparisons if c.test == "paired bootstrap") == pytest.approx(1 / 501)
+
+
+def test_models_made_under_different_versions_are_flagged():
+    from quantstudy.report.analysis import version_warnings
+    from quantstudy.store import ModelRecord
+
+    recs = [ModelRecord("base", "baseline", "/b", versions={"torch": "2.13.0", "llmcompressor": "0.14.0.1"}),
+            ModelRecord("q", "quantized", "/q", parent="base", versions={"torch": "2.13.0", "llmcompressor": "0.15.0"})]
+
+    class P:  # the two fields version_warnings reads
+        ref, other = "base", "q"
+
+    (w,) = version_warnings(recs, [P()])
+    assert "llmcompressor 0.14.0.1 vs 0.15.0" in w and "torch" not in w
+    recs[1].versions["llmcompressor"] = "0.14.0.1"
+    assert version_warnings(recs, [P()]) == []

@@ -156,7 +156,25 @@ def analyze(store: Store) -> Analysis:
     _mmlu(a, by_model)
     _summaries(a)
     _deployment(a, store, by_model)
+    a.warnings += version_warnings(records, a.pairs)
     return a
+
+
+# Libraries whose version can change a model's weights or its scores.
+PRODUCING = ("torch", "transformers", "llmcompressor", "compressed-tensors", "trl", "peft")
+
+
+def version_warnings(records: list[Any], pairs: list[Pair]) -> list[str]:
+    """A comparison between models made under different library versions says so."""
+    versions = {m.name: m.versions or {} for m in records}
+    out = []
+    for p in {(p.ref, p.other) for p in pairs}:
+        a, b = versions.get(p[0], {}), versions.get(p[1], {})
+        diff = [f"{lib} {a[lib]} vs {b[lib]}" for lib in PRODUCING if lib in a and lib in b and a[lib] != b[lib]]
+        if diff:
+            out.append(f"{p[0]} and {p[1]} were produced under different library versions ({'; '.join(diff)}); "
+                       "part of their difference may come from the software, not the method")
+    return sorted(out)
 
 
 def _compare_all(a: Analysis, cols: dict) -> None:

@@ -130,7 +130,8 @@ def technical(doc: Document, a: Analysis) -> None:
     cfg = meta.get("config") if isinstance(meta.get("config"), dict) else {}
     ev = cfg.get("evaluate") or {}
     facts = [["seed", str(cfg.get("seed", d.DASH))], ["evaluation limit", f"{ev.get('limit')} ({ev.get('limit_mode')})"],
-             ["evaluation seed", str(ev.get("seed", d.DASH))], ["data directory", str(cfg.get("data_dir") or "hub")]
+             ["evaluation seed", str(ev.get("seed", d.DASH))], ["data directory", str(cfg.get("data_dir") or "hub")],
+             ["trust_remote_code", str((cfg.get("model") or {}).get("trust_remote_code", False))]
              ] if cfg else []
     facts += [[key, json.dumps(meta[key]) if not isinstance(meta[key], str) else meta[key]]
               for key in ("data", "device") if key in meta]
