@@ -22,6 +22,7 @@ from quantstudy.report.recommend import recommendations
 from quantstudy.store import Store
 from tests.fixtures import synthetic_study as syn
 
+MiB_1 = 1024 * 1024
 GOLDEN = Path(__file__).parent / "fixtures" / "golden_report.md"
 
 
@@ -199,3 +200,31 @@ def test_models_made_under_different_versions_are_flagged():
     assert "llmcompressor 0.14.0.1 vs 0.15.0" in w and "torch" not in w
     recs[1].versions["llmcompressor"] = "0.14.0.1"
     assert version_warnings(recs, [P()]) == []
+
+
+def test_unevaluated_and_incomplete_models(store: Store) -> None:
+    from quantstudy.store import ModelRecord
+
+    # a variant quantized but never evaluated must not be recommended (it has nothing to lose)
+    store.put_model(ModelRecord("rtn", "quantized", "/r", "base", {"method": "rtn", "bits": 4, "group_size": 64,
+                                                                  "symmetric": True, "describe": "RTN W4 g64"}, MiB_1))
+    # an evaluation killed mid-task: gptq-c128 keeps only 10 of 60 arc_easy items
+    db = sqlite3.connect(store.path)
+    db.execute("DELETE FROM items WHERE model='gptq-c128' AND task='arc_easy' AND item_id NOT IN "
+               + "(" + ",".join(f"'arc_easy-{i}'" for i in range(10)) + ")")
+    db.commit()
+    a = analyze(store)
+    recs = {r.topic: r for r in recommendations(a)}
+    assert recs["deployment"].model != "rtn"
+    assert any("not evaluated" in w and "rtn" in w for w in a.warnings)
+    assert any(w.startswith("gptq-c128 has 10 of the 60 arc_easy items") for w in a.warnings)
+    (c,) = [c for c in a.between("base", "gptq-c128") if c.task == "arc_easy"]
+    assert c.n == 10
+
+
+def test_empty_answers_count_only_where_an_answer_is_expected(store: Store) -> None:
+    # awq-c64's first item of each generative task is empty; squad item 0 is unanswerable (empty is right)
+    a = analyze(store)
+    h = {(x.model, x.source): x for x in a.health}
+    assert h["awq-c64", "gsm8k"].empty_share == pytest.approx(1 / 30)
+    assert h["awq-c64", "squad_v2"].empty_share == 0.0

@@ -145,3 +145,10 @@ def test_bootstrap_ci_of_one_mean_matches_t_interval() -> None:
     half = 1.96 * x.std(ddof=1) / math.sqrt(len(x))
     assert lo == pytest.approx(x.mean() - half, abs=0.15 * half)
     assert hi == pytest.approx(x.mean() + half, abs=0.15 * half)
+
+
+def test_bootstrap_p_never_below_exact_sign_flip_minimum() -> None:
+    # 3 items that all move the same way: the bootstrap alone would say p ~ 1/2001; no exact paired
+    # test on 3 items can go below 2^(1-3) = 0.25
+    a = np.array([10.0, 20.0, 30.0])
+    assert stats.paired_bootstrap(a, a + np.array([1.0, 1.2, 0.9])).p == pytest.approx(0.25)

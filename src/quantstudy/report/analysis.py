@@ -229,6 +229,15 @@ def _summaries(a: Analysis) -> None:
     if len(tasksets) > 1:
         a.warnings.append("models were evaluated on different task sets; mean accuracies are over each model's own "
                           "tasks and not directly comparable")
+    missing = [m.name for m in a.models if not any(s.model == m.name for s in a.scores)]
+    if missing:
+        a.warnings.append(f"not evaluated (no items in the store): {', '.join(missing)}")
+    for m in a.models:  # an interrupted evaluation leaves a model with fewer items than its parent
+        for s in (s for s in a.scores if s.model == m.name and m.parent):
+            ref = a.score(m.parent, s.task, s.metric)  # type: ignore[arg-type]
+            if ref and s.n < ref.n and s.metric == next(mt.name for mt in a.metrics if mt.task == s.task):
+                a.warnings.append(f"{m.name} has {s.n} of the {ref.n} {s.task} items its parent has (incomplete "
+                                  "evaluation?): its score covers other items; paired tests use the shared ones")
 
 
 def _deployment(a: Analysis, store: Store, by_model: dict) -> None:

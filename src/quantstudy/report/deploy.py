@@ -9,7 +9,8 @@ design.md:
                      otherwise a generation-health warning replaces the number.
   memory reduction = parent peak - model peak (bytes and % of parent), with the method.
 Generation health is recomputed from the evaluation items of generative tasks (hit
-max_new_tokens, empty text, generated tokens) and read from the speed benchmark's metrics.
+max_new_tokens, empty text (only where an answer is expected: not SQuAD v2's unanswerable
+items), generated tokens) and read from the speed benchmark's metrics.
 """
 
 from __future__ import annotations
@@ -103,15 +104,22 @@ def _empty(r: ItemRecord) -> bool:
     return not str(text or "").strip()
 
 
+def _answer_expected(r: ItemRecord) -> bool:
+    """False for SQuAD v2's unanswerable items, where an empty response is the right answer."""
+    return r.details.get("has_answer") is not False
+
+
 def health_rows(model: str, items: dict[str, list[ItemRecord]], metrics: dict[str, tuple[float | None, dict]],
                 parent_rows: list[Health] | None) -> list[Health]:
     """Health per generative task (from items) and for the speed benchmark (from metrics), with flags."""
     rows = []
     for task, recs in items.items():
         gen = [r for r in recs if r.n_tokens is not None]
+        answerable = [r for r in gen if _answer_expected(r)]
         if gen:
-            rows.append(Health(model, task, len(gen), sum(bool(r.hit_max) for r in gen) / len(gen),
-                               sum(_empty(r) for r in gen) / len(gen), sum(r.n_tokens for r in gen) / len(gen)))
+            empty = sum(map(_empty, answerable)) / len(answerable) if answerable else None
+            rows.append(Health(model, task, len(gen), sum(bool(r.hit_max) for r in gen) / len(gen), empty,
+                               sum(r.n_tokens for r in gen) / len(gen)))
     bench = [_metric(metrics, k) for k in ("speed.hit_max_share", "speed.empty_share", "speed.tokens_per_response")]
     if any(v is not None for v in bench):
         rows.append(Health(model, "speed benchmark", None, *bench))

@@ -13,7 +13,7 @@ from quantstudy.report.analysis import Analysis, PairKind
 from quantstudy.report.items import Comparison
 
 RETENTION_FLOOR = 0.99  # R1: "not significantly below 99% of the parent" on every task
-RULE_DEPLOY = (f"R1: the smallest quantized model (size on disk; ties go to the higher mean accuracy) whose "
+RULE_DEPLOY = (f"R1: the smallest evaluated quantized model (size on disk; ties go to the higher mean accuracy) whose "
                f"retention vs its parent is not significantly below {RETENTION_FLOOR:.0%} on any accuracy metric "
                f"(the upper end of its 95% paired-bootstrap retention interval reaches {RETENTION_FLOOR:.0%}) "
                f"and that has no generation-health flag; perplexity is reported, not part of the rule")
@@ -83,7 +83,8 @@ def recommendations(a: Analysis) -> list[Recommendation]:
     out = []
     flagged = {h.model for h in a.health if h.flags}
     quant = [m for m in a.models if m.role == "quantized"]
-    ok = [m for m in quant if m.name not in flagged and all(_keeps_accuracy(c) for c in _vs_parent(a, m.name))]
+    ok = [m for m in quant if m.name not in flagged and _vs_parent(a, m.name)
+          and all(_keeps_accuracy(c) for c in _vs_parent(a, m.name))]
     if ok:
         pick = min(ok, key=lambda m: (m.size_bytes or float("inf"), -(m.mean_acc or 0)))
         mde = max([c.mde or 0 for c in _vs_parent(a, pick.name) if c.higher_is_better] or [0])

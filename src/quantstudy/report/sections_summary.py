@@ -46,6 +46,9 @@ def summary(doc: Document, a: Analysis, recs: list[Recommendation]) -> None:
         if not m.parent:
             continue
         comps = a.between(m.parent, m.name)
+        if not comps:
+            out.append(f"**{m.name}** ({m.describe}): no results to compare with {m.parent}.")
+            continue
         dep = a.deploy_of(m.name)
         worse = [c.label for c in comps if c.better == c.ref]
         better = [c.label for c in comps if c.better == m.name]
