@@ -77,5 +77,5 @@ class GSM8KTask(Task):
     def aggregate(self, records: list[ItemRecord]) -> dict[str, float]:
         n = len(records)
         strict = sum(bool(r.correct) for r in records) / n
-        return {"acc": strict, "em_strict": strict,
+        return {"acc": strict, "em": strict, "em_strict": strict,
                 "em_flexible": sum(bool(r.details["correct_flexible"]) for r in records) / n, "n": n}

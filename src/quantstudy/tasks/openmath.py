@@ -112,5 +112,6 @@ class OpenMathTask(Task):
 
     def aggregate(self, records: list[ItemRecord]) -> dict[str, float]:
         n = len(records)
-        return {"acc": sum(bool(r.correct) for r in records) / n,
-                "boxed_share": sum(r.details["extracted_by"] == "boxed" for r in records) / n, "n": n}
+        acc = sum(bool(r.correct) for r in records) / n
+        boxed = sum(r.details["extracted_by"] == "boxed" for r in records) / n
+        return {"acc": acc, "em": acc, "boxed_share": boxed, "n": n}
