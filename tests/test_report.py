@@ -228,3 +228,14 @@ def test_empty_answers_count_only_where_an_answer_is_expected(store: Store) -> N
     h = {(x.model, x.source): x for x in a.health}
     assert h["awq-c64", "gsm8k"].empty_share == pytest.approx(1 / 30)
     assert h["awq-c64", "squad_v2"].empty_share == 0.0
+
+
+def test_health_flags_are_relative_to_the_parent() -> None:
+    from quantstudy.report.deploy import Health, _flags
+
+    parent = Health("base", "squad_v2", 12, 0.25, 0.50, 7.0)
+    assert _flags(Health("base", "squad_v2", 12, 0.25, 0.50, 7.0), None) == [
+        "25% of responses hit max_new_tokens", "50% empty responses"]  # the baseline's own pathology
+    assert _flags(Health("q", "squad_v2", 12, 0.25, 0.40, 8.0), parent) == []  # inherited, not the variant's
+    assert _flags(Health("q", "squad_v2", 12, 0.55, 0.40, 8.0), parent) == [
+        "55% of responses hit max_new_tokens (parent 25%)"]

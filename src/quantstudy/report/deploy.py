@@ -23,12 +23,12 @@ from quantstudy.store import ItemRecord
 
 TOKENS_COMPARABLE = 1.25  # speed-up is shown only if tokens/response differ by less than this factor
 HIT_MAX_FLAG = 0.20  # share of responses cut at max_new_tokens that counts as a pathology ...
-HIT_MAX_VS_PARENT = 2.0  # ... when also this many times the parent's share
-EMPTY_FLAG = 0.05  # share of empty responses that counts as a pathology
+EMPTY_FLAG = 0.05  # share of empty responses that counts as a pathology ...
+VS_PARENT = 2.0  # ... when also this many times the parent's share (a parent's own habit is not the variant's)
 TOKENS_FLAG = 2.0  # mean tokens per response this many times (or 1/this of) the parent's
-HEALTH_RULE = (f"flagged when >= {HIT_MAX_FLAG:.0%} of responses hit max_new_tokens and >= "
-               f"{HIT_MAX_VS_PARENT:g}x the parent's share, when >= {EMPTY_FLAG:.0%} are empty, or when mean "
-               f"tokens per response is >= {TOKENS_FLAG:g}x or <= 1/{TOKENS_FLAG:g} of the parent's")
+HEALTH_RULE = (f"flagged when >= {HIT_MAX_FLAG:.0%} of responses hit max_new_tokens or >= {EMPTY_FLAG:.0%} are "
+               f"empty (for a derived model: also >= {VS_PARENT:g}x its parent's share), or when mean tokens per "
+               f"response is >= {TOKENS_FLAG:g}x or <= 1/{TOKENS_FLAG:g} of the parent's")
 NOT_4BIT = "not a 4-bit deployment figure"
 
 
@@ -131,13 +131,11 @@ def health_rows(model: str, items: dict[str, list[ItemRecord]], metrics: dict[st
 
 def _flags(h: Health, parent: Health | None) -> list[str]:
     out = []
-    p_hit = parent.hit_max_share if parent else None
-    if h.hit_max_share is not None and h.hit_max_share >= HIT_MAX_FLAG and (
-            not p_hit or h.hit_max_share >= HIT_MAX_VS_PARENT * p_hit):
-        out.append(f"{h.hit_max_share:.0%} of responses hit max_new_tokens"
-                   + (f" (parent {p_hit:.0%})" if p_hit is not None else ""))
-    if h.empty_share is not None and h.empty_share >= EMPTY_FLAG:
-        out.append(f"{h.empty_share:.0%} empty responses")
+    for share, floor, what, p_share in (
+            (h.hit_max_share, HIT_MAX_FLAG, "of responses hit max_new_tokens", parent and parent.hit_max_share),
+            (h.empty_share, EMPTY_FLAG, "empty responses", parent and parent.empty_share)):
+        if share is not None and share >= floor and (not p_share or share >= VS_PARENT * p_share):
+            out.append(f"{share:.0%} {what}" + (f" (parent {p_share:.0%})" if parent and p_share is not None else ""))
     if parent and h.mean_tokens and parent.mean_tokens:
         r = h.mean_tokens / parent.mean_tokens
         if r >= TOKENS_FLAG or r <= 1 / TOKENS_FLAG:
