@@ -9,7 +9,6 @@ calibration size vs size at equal method, trained vs base at equal quantization.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -280,7 +279,3 @@ def _meta(store: Store) -> dict[str, Any]:
         except json.JSONDecodeError:
             out[key] = raw
     return out
-
-
-def finite(x: float | None) -> bool:
-    return x is not None and not math.isnan(x) and not math.isinf(x)
