@@ -78,6 +78,10 @@ class Analysis:
     def between(self, ref: str, other: str) -> list[Comparison]:
         return [c for c in self.comparisons if (c.ref, c.other) == (ref, other)]
 
+    def of_pair(self, p: Pair) -> list[Comparison]:
+        """A pair's comparisons, in whichever orientation they were computed (each pair is tested once)."""
+        return self.between(p.ref, p.other) or self.between(p.other, p.ref)
+
     def pairs_of(self, kind: PairKind) -> list[Pair]:
         return [p for p in self.pairs if p.kind == kind]
 

@@ -108,7 +108,7 @@ def recommendations(a: Analysis) -> list[Recommendation]:
         out.append(Recommendation("most accurate", RULE_BEST, text, best.name))
     for kind in (PairKind.training, PairKind.method, PairKind.calibration):
         for p in a.pairs_of(kind):
-            comps = a.between(p.ref, p.other) or a.between(p.other, p.ref)
+            comps = a.of_pair(p)
             win = pair_verdict(comps)
             verdict = f"prefer {win}" if win else f"no preference: {_pair_text(comps, p.ref, p.other)}"
             out.append(Recommendation(f"{kind.value}: {p.ref} vs {p.other}", RULE_PAIR, verdict, win))

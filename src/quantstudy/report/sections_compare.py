@@ -17,9 +17,7 @@ _TITLES = {PairKind.method: "Method comparison at equal calibration",
 
 
 def pair_table(doc: Document, a: Analysis, p: Pair) -> None:
-    comps = a.between(p.ref, p.other)
-    if not comps:  # planned the other way round (an earlier table compared them already)
-        comps = a.between(p.other, p.ref)
+    comps = a.of_pair(p)
     ref, other = (comps[0].ref, comps[0].other) if comps else (p.ref, p.other)
     rows = [[c.label, cells.value(c.kind, c.ref_value), cells.value(c.kind, c.other_value), cells.diff(c),
              cells.flips(c), cells.p(c), str(c.n), cells.mde(c), cells.verdict(c)] for c in comps]
