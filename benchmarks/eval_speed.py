@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -140,8 +142,11 @@ def main() -> None:
     a = p.parse_args()
     a.limit = a.limit if a.limit is not None else DEFAULT_LIMIT[a.task]
     if a.worker:
+        load0 = os.getloadavg()[0]
         res = (run_lmeval if a.worker == "lmeval" else run_quantstudy)(a)
-        print("RESULT " + json.dumps({**res, "peak_rss": peak_rss()}))
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        print("RESULT " + json.dumps({**res, "peak_rss": peak_rss(), "cpu_s": ru.ru_utime + ru.ru_stime,
+                                      "load": [load0, os.getloadavg()[0]]}))
         return
     if a.model is None:
         from quantstudy.models import materialize_builtin
@@ -158,7 +163,9 @@ def main() -> None:
             if line is None:
                 sys.exit(f"{side} run failed:\n{out.stderr[-3000:]}")
             runs[side].append(json.loads(line[7:]))
-            print(f"run {r + 1} {side:<10} {runs[side][-1]['wall']:7.1f} s", flush=True)
+            res = runs[side][-1]
+            print(f"run {r + 1} {side:<10} {res['wall']:7.1f} s wall, {res['cpu_s']:7.1f} s CPU (process), "
+                  f"load avg {res['load'][0]:.1f} -> {res['load'][1]:.1f}", flush=True)
     report(a, runs, full, shared)
 
 
@@ -172,11 +179,16 @@ def report(a: argparse.Namespace, runs: dict[str, list[dict]], full: int, shared
     stable = all(r["preds"] == ours for r in runs["quantstudy"])
     print(f"\n{a.task}: {len(ids)} items, {a.model}, float32, CPU, batch 16, {a.runs} runs each (median)")
     print(f"tokens: lm-eval feeds {full:,} (context + continuation per choice); shared contexts need {shared:,}")
-    print(f"{'':<12}{'wall s (median)':>16}{'all runs':>24}{'task tok/s':>12}{'peak RSS GiB':>14}")
+    print(f"{'':<12}{'wall s (median)':>16}{'all runs':>24}{'best':>8}{'task tok/s':>12}{'peak RSS GiB':>14}")
     for k, v in runs.items():
         walls = ", ".join(f"{r['wall']:.1f}" for r in v)
-        print(f"{k:<12}{med[k]:>16.1f}{walls:>24}{full / med[k]:>12.0f}{max(r['peak_rss'] for r in v) / 2**30:>14.2f}")
-    print(f"speed-up (lm-eval / quantstudy): {med['lmeval'] / med['quantstudy']:.2f}x")
+        print(f"{k:<12}{med[k]:>16.1f}{walls:>24}{min(r['wall'] for r in v):>8.1f}{full / med[k]:>12.0f}"
+              f"{max(r['peak_rss'] for r in v) / 2**30:>14.2f}")
+    best = min(r["wall"] for r in runs["lmeval"]) / min(r["wall"] for r in runs["quantstudy"])
+    print(f"speed-up (lm-eval / quantstudy): {med['lmeval'] / med['quantstudy']:.2f}x median, {best:.2f}x best-of")
+    loads = [x for v in runs.values() for r in v for x in r["load"]]
+    print(f"1-min load average during runs: {min(loads):.1f} to {max(loads):.1f} on {os.cpu_count()} CPUs "
+          f"(above ~{os.cpu_count()}: other processes competed, timings inflated)")
     print(f"identical predictions: acc {acc_same:.2%}, acc_norm {norm_same:.2%}"
           f"{'' if stable else ' (quantstudy predictions varied between runs!)'}")
     for k, v in (("lm-eval", ref), ("quantstudy", ours)):

@@ -182,3 +182,19 @@ def test_same_answers_as_the_lm_eval_scorer(tiny):
         [r.logprob for r in ref.loglikelihood_rolling(texts)], abs=1e-9)
     gens = [GenRequest(CTX, ("\n",), 8), GenRequest("The quick", (" the",), 6)]
     assert [g.text for g in ours.generate(gens)] == [g.text for g in ref.generate(gens)]
+
+
+def test_models_with_extra_logit_ops_use_full_logits(tiny):
+    """Logit scaling after the head (Gemma-style soft-capping, Granite's scaling) must not be skipped."""
+    model, tok = tiny
+    hook = model.register_forward_hook(lambda m, i, o: setattr(o, "logits", 30 * torch.tanh(o.logits / 30)))
+    try:
+        fs = FastScorer(model, tok)
+        assert not fs._split_head
+        reqs = requests()
+        for r, g in zip(reqs, fs.loglikelihood(reqs)):
+            ctx, cont = fs.encode_pair(r.context, r.continuation)
+            assert g.logprob == pytest.approx(direct(model, ctx, cont, fs.max_length), abs=1e-9)
+    finally:
+        hook.remove()
+    assert FastScorer(model, tok)._split_head

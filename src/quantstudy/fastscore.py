@@ -253,11 +253,20 @@ class FastScorer(LMEvalTokens):
 
     @torch.inference_mode()
     def _head_is_separable(self) -> bool:
-        """True when logits == output_embeddings(decoder(x)): then the head runs only where needed."""
-        ids = torch.tensor([[self.prefix_token_id, 3, 5, 7]], device=self.device) % self.model.config.vocab_size
+        """True when logits == output_embeddings(decoder(x)), checked in one forward pass with hooks:
+        then the head runs only where a token is scored. False for logit scaling / soft-capping."""
         try:
-            h = self.model.get_decoder()(input_ids=ids).last_hidden_state
-            split = self.model.get_output_embeddings()(h)
-        except (AttributeError, TypeError):
+            dec, head = self.model.get_decoder(), self.model.get_output_embeddings()
+        except AttributeError:
             return False
-        return bool(torch.allclose(split, self.model(input_ids=ids).logits, rtol=1e-4, atol=1e-4))
+        seen: dict[str, torch.Tensor] = {}
+        # (update() returns None: a hook that returns a value would replace the module's output)
+        hooks = [dec.register_forward_hook(lambda m, i, o: seen.update(dec=o if torch.is_tensor(o) else o[0])),
+                 head.register_forward_hook(lambda m, i, o: seen.update(head_in=i[0], head_out=o))]
+        try:
+            logits = self.model(input_ids=torch.tensor([[self.prefix_token_id]], device=self.device)).logits
+        finally:
+            for h in hooks:
+                h.remove()
+        return ("head_out" in seen and seen["dec"].shape == seen["head_in"].shape
+                and torch.equal(seen["dec"], seen["head_in"]) and torch.equal(seen["head_out"], logits))
