@@ -12,7 +12,7 @@ import torch
 from rich.console import Console
 
 from quantstudy import train, train_data
-from quantstudy.config import StudyConfig, TrainConfig, parse_config
+from quantstudy.config import TrainConfig, parse_config
 from quantstudy.context import RunContext
 from quantstudy.errors import QuantStudyError
 from quantstudy.sources import Conversation
