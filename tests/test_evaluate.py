@@ -109,6 +109,9 @@ def test_evaluate_end_to_end_resume_and_rescore(tmp_path: Path, data_dir: Path, 
 
     evaluate_model(ctx, model)  # nothing to do: same rows, same stored latencies
     assert {t.value: rows(ctx, "base", t.value) for t in TaskName} == before
+    timed = {n: (v, i) for _, n, v, i in ctx.store.metrics("base") if n.startswith("time.eval.")}
+    assert set(timed) == {f"time.eval.{t.value}" for t in TaskName}  # the no-op run re-timed nothing
+    assert all(v > 0 and i["items_scored"] == 3 for v, i in timed.values())
 
     # an interrupted run: one arc item missing; and a larger limit: only the missing/new items are scored
     ctx.store.db.execute("DELETE FROM items WHERE model='base' AND task='arc_easy' AND item_id=?",

@@ -239,3 +239,18 @@ def test_health_flags_are_relative_to_the_parent() -> None:
     assert _flags(Health("q", "squad_v2", 12, 0.25, 0.40, 8.0), parent) == []  # inherited, not the variant's
     assert _flags(Health("q", "squad_v2", 12, 0.55, 0.40, 8.0), parent) == [
         "55% of responses hit max_new_tokens (parent 25%)"]
+
+
+def test_run_times_table(store: Store, tmp_path: Path) -> None:
+    # stage times come from the stage log, per-task times from the evaluation stage's time.eval.* metrics
+    store.stage_start("k-quant", "quantize", "gptq-c64")
+    store.stage_finish("k-quant", "/x", {"seconds": 83.0})
+    store.stage_start("k-running", "evaluate", "gptq-c64")  # unfinished: no time is claimed for it
+    store.put_metric("gptq-c64", "time.eval.arc_easy", 12.5, {"items_scored": 40})
+    a = analyze(store)
+    assert a.times == {"gptq-c64": {"quantize": 83.0, "evaluate: arc_easy": 12.5}}
+    write_report(store, tmp_path / "study", {"md", "json"})
+    md = (tmp_path / "study" / "report.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| gptq-c64 |") and "83.00 s" in line)
+    assert "12.50 s" in row
+    assert json.loads((tmp_path / "study" / "results.json").read_text())["wall_seconds"]["gptq-c64"]["quantize"] == 83.0

@@ -162,13 +162,18 @@ def evaluate_model(ctx: RunContext, model: st.ModelRecord) -> None:
             bar = progress.add_task(f"{model.name} · {task.name.value}", total=len(prompts),
                                     completed=len(prompts) - len(todo))
             step = 1 if task.kind is Kind.rolling else ecfg.batch_size
+            scorer = lazy.scorer() if todo else None  # loaded before the clock starts: load time is not task time
+            t0 = time.perf_counter()
             for b in range(0, len(todo), step):
                 chunk = todo[b:b + step]
-                recs = score_prompts(task, chunk, lazy.scorer(), ecfg.max_new_tokens, chat is not None)
+                recs = score_prompts(task, chunk, scorer, ecfg.max_new_tokens, chat is not None)
                 ctx.store.put_items(model.name, recs)
                 failpoint("evaluate-mid")  # tests kill here: the batch is stored, the rest is not
                 have.update((r.item_id, r) for r in recs)
                 progress.advance(bar, len(chunk))
+            if todo:  # wall time of this run's scoring (s); a resumed run times only what it scored
+                ctx.store.put_metric(model.name, f"time.eval.{task.name.value}", time.perf_counter() - t0,
+                                     {"items_scored": len(todo), "items": len(prompts)})
             write_metrics(ctx, model.name, task, spec, [have[p.item.id] for p in prompts])
 
 

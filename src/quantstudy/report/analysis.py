@@ -67,6 +67,8 @@ class Analysis:
     design_mde: dict[str, tuple[int, float, float]]  # task -> (n, baseline accuracy, unpaired MDE)
     meta: dict[str, Any]
     evaluation: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> how it was evaluated (info)
+    # model -> {stage or "evaluate: <task>": wall seconds of the run that produced it}
+    times: dict[str, dict[str, float]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
     def model(self, name: str) -> ModelInfo:
@@ -160,7 +162,20 @@ def analyze(store: Store) -> Analysis:
     _summaries(a)
     _deployment(a, store, by_model)
     a.warnings += version_warnings(records, a.pairs)
+    _times(a, store)
     return a
+
+
+def _times(a: Analysis, store: Store) -> None:
+    """Stage wall times (s) from the stage log, and per-task scoring times from the evaluation stage."""
+    for st in store.stages():
+        secs = json.loads(st["info"] or "{}").get("seconds") if st["status"] == "done" else None
+        if secs is not None:
+            a.times.setdefault(st["model"], {})[st["stage"]] = float(secs)
+    for m in a.models:
+        for _, name, value, _info in store.metrics(m.name):
+            if name.startswith("time.eval.") and value is not None:
+                a.times.setdefault(m.name, {})[f"evaluate: {name.removeprefix('time.eval.')}"] = value
 
 
 # Libraries whose version can change a model's weights or its scores.

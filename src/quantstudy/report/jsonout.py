@@ -54,6 +54,7 @@ def results(a: Analysis, recs: list[Recommendation], rank: list[RankRow]) -> dic
         "generation_health": _clean(a.health),
         "fidelity": _clean(a.fidelity),
         "training": _clean(a.training),
+        "wall_seconds": _clean(a.times),
         "design_mde": {t: {"n": n, "baseline_accuracy": p0, "mde": m} for t, (n, p0, m) in a.design_mde.items()},
         "ranking": _clean(rank),
         "recommendations": _clean(recs),

@@ -124,6 +124,7 @@ def technical(doc: Document, a: Analysis) -> None:
              for dep in (a.deploy_of(m.name) for m in a.models) if dep.backend or dep.measured]
     if speed:
         doc.add(Table(["model", "backend", "weights", "memory measured as", "caveat"], speed))
+    run_times(doc, a)
     meta = a.meta
     cfg = meta.get("config") if isinstance(meta.get("config"), dict) else {}
     ev = cfg.get("evaluate") or {}
@@ -140,3 +141,14 @@ def technical(doc: Document, a: Analysis) -> None:
         doc.add(Table(["setting", "value"], facts))
     if cfg:
         doc.add(Para("Study configuration (as run):"), Code(json.dumps(cfg, indent=2, sort_keys=True)))
+
+
+def run_times(doc: Document, a: Analysis) -> None:
+    """Where the study's time went: one row per model, one column per stage (and per evaluated task)."""
+    cols = sorted({k for t in a.times.values() for k in t}, key=lambda k: (k.startswith("evaluate: "), k))
+    if not cols:
+        return
+    rows = [[m.name] + [d.secs(a.times.get(m.name, {}).get(c)) for c in cols] for m in a.models if m.name in a.times]
+    doc.add(Table(["model"] + cols, rows,
+                  "Wall time of the run that produced each result (a cached stage keeps its first run's time; "
+                  "per-task times exclude model loading; a resumed evaluation times only the items it scored)."))
