@@ -19,7 +19,8 @@ from rich.console import Console
 from rich.table import Table
 
 from quantstudy.calibration import build_calibration, tokenize
-from quantstudy.config import expand_variants, parse_config
+from quantstudy.config import parse_config
+from quantstudy.variants import expand_variants
 from quantstudy.models import load_pretrained, materialize_builtin, weights_size
 from quantstudy.quantize import build_recipe, cpu_awq_pin_memory_fix, run_oneshot
 from quantstudy.resources import track_peak_memory

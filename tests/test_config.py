@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from quantstudy.config import expand_variants, load_config, parse_config
+from quantstudy.config import load_config, parse_config
+from quantstudy.variants import expand_variants
 from quantstudy.errors import QuantStudyError
 
 BASE = {"name": "s", "model": {"source": "smollm2-135m-instruct"}}

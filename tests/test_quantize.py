@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from quantstudy.config import expand_variants, parse_config
+from quantstudy.config import parse_config
+from quantstudy.variants import expand_variants
 from quantstudy.errors import QuantStudyError
 from quantstudy.models import load_pretrained
 from quantstudy.quantize import check_group_size, linear_shapes, run_oneshot

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from quantstudy.calibration import build_calibration, tokenize
-from quantstudy.config import expand_variants, parse_config
+from quantstudy.config import parse_config
+from quantstudy.variants import expand_variants
 from quantstudy.models import load_pretrained
 from quantstudy.quantize import check_group_size, linear_shapes, run_oneshot
 

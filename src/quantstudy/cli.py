@@ -93,7 +93,7 @@ def plan(config: Path, data_dir: Optional[Path] = DataDir, debug: bool = Debug) 
     from quantstudy.study import plan as make_plan
 
     with friendly_errors(debug), open_study(config, data_dir, debug, lock=False) as ctx:
-        from quantstudy.config import expand_variants
+        from quantstudy.variants import expand_variants
 
         vt = Table("variant", "method", "calibration", title=f"{ctx.cfg.name}: variants")
         for v in expand_variants(ctx.cfg):

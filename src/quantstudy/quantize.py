@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from quantstudy.config import Method, Variant
+from quantstudy.config import Method
+from quantstudy.variants import Variant
 from quantstudy.errors import QuantStudyError
 from quantstudy.faults import failpoint
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from quantstudy import environment
-from quantstudy.config import Variant, expand_variants
+from quantstudy.variants import Variant, expand_variants
 from quantstudy.context import RunContext
 from quantstudy.models import (SourceKind, check_model_dir, classify, file_sha256, builtin_gguf,
                                resolve_source, weights_hash, weights_size)
