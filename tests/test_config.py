@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -69,3 +71,14 @@ def test_config_roundtrips_through_yaml(tmp_path):
     p = tmp_path / "s.yaml"
     p.write_text(yaml.safe_dump(c.model_dump(mode="json")))
     assert load_config(p) == c
+
+
+def test_readme_study_file_is_valid() -> None:
+    # the README's annotated study file must stay a valid config (a renamed field fails here)
+    import re
+
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    cfg = parse_config(yaml.safe_load(re.search(r"```yaml\n(.*?)```", text, re.S).group(1)))
+    assert [v.name for v in expand_variants(cfg)] == ["gptq-w4g128-c215", "gptq-w4g128-c512",
+                                                      "awq-w4g128-c215", "awq-w4g128-c512"]
+    assert cfg.train is not None and cfg.fidelity is not None and cfg.evaluate is not None
