@@ -131,6 +131,20 @@ def test_evaluate_end_to_end_resume_and_rescore(tmp_path: Path, data_dir: Path, 
     assert (info["num_fewshot"], info["n"], info["backend"]) == (1, 5, ["lmeval-hf"])
 
 
+def test_per_task_chat_template_override(tmp_path: Path, data_dir: Path, models: list[Path]) -> None:
+    # an instruct model may need its chat template for one generative task only
+    ctx = make_ctx(tmp_path, data_dir, tasks=["arc_easy", {"name": "openmathinstruct2", "chat_template": True}],
+                   limit=2, max_new_tokens=2)
+    evaluate_model(ctx, ModelRecord("base", "baseline", str(models[0])))
+    info = {n: i for _, n, _, i in ctx.store.metrics("base")}
+    assert info["eval.arc_easy.acc"]["chat_template"] is False
+    assert info["eval.openmathinstruct2.acc"]["chat_template"] is True
+    plain = make_ctx(tmp_path / "plain", data_dir, tasks=["openmathinstruct2"], limit=2, max_new_tokens=2)
+    evaluate_model(plain, ModelRecord("base", "baseline", str(models[0])))
+    chat_hash = {r.item_id: r.prompt_hash for _, r in ctx.store.items("base", "openmathinstruct2")}
+    assert all(chat_hash[r.item_id] != r.prompt_hash for _, r in plain.store.items("base", "openmathinstruct2"))
+
+
 def test_every_model_gets_the_same_items(tmp_path: Path, data_dir: Path, models: list[Path]) -> None:
     ctx = make_ctx(tmp_path, data_dir, tasks=["arc_challenge", "squad_v2"], limit=4, limit_mode="random",
                    chat_template=True)

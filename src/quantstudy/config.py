@@ -213,6 +213,7 @@ class TaskSpec(Strict):
     name: TaskName
     limit: int | None = Field(None, ge=1)
     num_fewshot: int | None = None
+    chat_template: bool | None = None  # None = evaluate.chat_template
 
 
 class SpeedConfig(Strict):
@@ -247,7 +248,8 @@ class EvaluateConfig(Strict):
                                   fix="list each task once; use a TaskSpec entry for per-task limits")
         return [
             TaskSpec(name=t.name, limit=t.limit if t.limit is not None else self.limit,
-                     num_fewshot=t.num_fewshot if t.num_fewshot is not None else self.num_fewshot)
+                     num_fewshot=t.num_fewshot if t.num_fewshot is not None else self.num_fewshot,
+                     chat_template=t.chat_template if t.chat_template is not None else self.chat_template)
             for t in out
         ]
 

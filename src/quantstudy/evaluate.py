@@ -69,7 +69,7 @@ def select_items(ctx: RunContext, spec: TaskSpec) -> list[Item]:
 def chat_fn(tokenizer: Any) -> ChatFn:
     if not getattr(tokenizer, "chat_template", None):
         raise QuantStudyError("the model's tokenizer has no chat template", field="evaluate.chat_template",
-                              value=True, fix="set evaluate.chat_template: false for this model")
+                              value=True, fix="set evaluate.chat_template: false (and no task's chat_template: true) for this model")
     return lambda msgs: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
 
 
@@ -155,7 +155,7 @@ def evaluate_model(ctx: RunContext, model: st.ModelRecord) -> None:
         for spec in ecfg.task_specs():
             task = get_task(spec.name)
             items = select_items(ctx, spec)
-            chat = chat_fn(lazy.tokenizer()) if ecfg.chat_template and task.kind is not Kind.rolling else None
+            chat = chat_fn(lazy.tokenizer()) if spec.chat_template and task.kind is not Kind.rolling else None
             prompts = build_prompts(task, items, ctx.data_dir, spec.num_fewshot, ecfg.seed, chat)
             have = {r.item_id: r for _, r in ctx.store.items(model.name, task.name.value)}
             todo = [p for p in prompts if not _fresh(have.get(p.item.id), p, task, ecfg.max_new_tokens)]
@@ -181,7 +181,7 @@ def write_metrics(ctx: RunContext, model: str, task: Task, spec: TaskSpec, recor
     ecfg = ctx.cfg.evaluate
     k = task.default_fewshot if spec.num_fewshot is None else spec.num_fewshot
     info = {"n": len(records), "limit": spec.limit, "limit_mode": ecfg.limit_mode.value, "seed": ecfg.seed,
-            "num_fewshot": 0 if task.kind is Kind.rolling else k, "chat_template": ecfg.chat_template,
+            "num_fewshot": 0 if task.kind is Kind.rolling else k, "chat_template": bool(spec.chat_template) and task.kind is not Kind.rolling,
             "backend": sorted({str(r.details.get("backend")) for r in records}),
             "data": f"offline:{ctx.data_dir}" if ctx.data_dir else f"hub:{task.hub}"}
     with ctx.store.tx():
