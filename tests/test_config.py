@@ -25,6 +25,13 @@ def test_lists_expand_to_cross_product_with_readable_names():
     assert [v.calibration.samples for v in expand_variants(c)] == [215, 512, 215, 512]
 
 
+def test_per_entry_calibration_source_in_generated_names_only():
+    wiki = {"source": "wikitext", "samples": 32}
+    c = cfg(quantize=[{"method": "gptq", "group_size": 64, "calibration": wiki},
+                      {"method": "gptq", "group_size": 64, "calibration": wiki, "name": "gptq-wiki"}])
+    assert [v.name for v in expand_variants(c)] == ["gptq-w4g64-c32-wikitext", "gptq-wiki"]
+
+
 def test_rtn_needs_no_calibration_and_is_not_duplicated_over_sample_counts():
     c = cfg(calibration={"samples": [64, 128]}, quantize=[{"method": ["rtn", "gptq"], "group_size": [64, "channel"],
                                                           "symmetric": [True, False]}])

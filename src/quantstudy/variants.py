@@ -68,7 +68,8 @@ def expand_variants(cfg: StudyConfig) -> list[Variant]:
             else:
                 vcal = calib.model_copy(update={"samples": n})
             name = e.name or variant_name(method, bits, group, sym, None if vcal is None else n)
-            if vcal is not None and e.calibration is not None and e.calibration.source != cfg.calibration.source:
+            if (not e.name and vcal is not None and e.calibration is not None
+                    and e.calibration.source != cfg.calibration.source):  # an explicit name is kept as written
                 name += f"-{vcal.source.value}"
             out.append(Variant(name=name, method=method, bits=bits, group_size=group, symmetric=sym,
                                ignore=tuple(e.ignore), gptq=e.gptq, awq=e.awq, calibration=vcal))
