@@ -239,6 +239,24 @@ def test_health_flags_are_relative_to_the_parent() -> None:
     assert _flags(Health("q", "squad_v2", 12, 0.25, 0.40, 8.0), parent) == []  # inherited, not the variant's
     assert _flags(Health("q", "squad_v2", 12, 0.55, 0.40, 8.0), parent) == [
         "55% of responses hit max_new_tokens (parent 25%)"]
+    # the speed benchmark stops at its own cap on purpose: only a derived model's excess is flagged
+    bench = Health("base", "speed benchmark", None, 1.0, 0.0, 64.0)
+    assert _flags(bench, None) == []
+    assert _flags(Health("q", "speed benchmark", None, 0.3, 0.0, 60.0), Health("b", "speed benchmark", None, 0.1,
+                                                                             0.0, 40.0)) == [
+        "30% of responses hit max_new_tokens (parent 10%)"]
+
+
+def test_tie_names_the_range_of_n() -> None:
+    from quantstudy.report.recommend import _pair_text
+
+    class C:  # the two fields _pair_text reads
+        def __init__(self, n: int) -> None:
+            self.n, self.better, self.label = n, None, "x"
+
+    assert _pair_text([C(2), C(57), C(40)], "a", "b") == "no detectable difference (n = 2 to 57 per metric, " \
+                                                        "alpha = 0.05 after Holm)"
+    assert _pair_text([C(40)], "a", "b") == "no detectable difference (n = 40, alpha = 0.05 after Holm)"
 
 
 def test_run_times_table(store: Store, tmp_path: Path) -> None:

@@ -68,8 +68,9 @@ def _pair_text(comps: list[Comparison], ref: str, other: str) -> str:
     """Plain words for a pair without a preferred model: tied, or each better somewhere."""
     wins = {m: [c.label for c in comps if c.better == m] for m in (ref, other)}
     if not wins[ref] and not wins[other]:
-        return (f"no detectable difference (n = {min((c.n for c in comps), default=0)}, alpha = {stats.ALPHA} "
-                "after Holm)")
+        ns = sorted({c.n for c in comps}) or [0]
+        n = f"n = {ns[0]}" if len(ns) == 1 else f"n = {ns[0]} to {ns[-1]} per metric"
+        return f"no detectable difference ({n}, alpha = {stats.ALPHA} after Holm)"
     return "; ".join(f"{m} better on {', '.join(w)}" for m, w in wins.items() if w)
 
 
