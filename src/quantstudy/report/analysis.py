@@ -173,9 +173,12 @@ def _times(a: Analysis, store: Store) -> None:
         if secs is not None:
             a.times.setdefault(st["model"], {})[st["stage"]] = float(secs)
     for m in a.models:
-        for _, name, value, _info in store.metrics(m.name):
-            if name.startswith("time.eval.") and value is not None:
-                a.times.setdefault(m.name, {})[f"evaluate: {name.removeprefix('time.eval.')}"] = value
+        tasks = {n.removeprefix("time.eval."): v for _, n, v, _ in store.metrics(m.name)
+                 if n.startswith("time.eval.") and v is not None}
+        if tasks:  # a re-run evaluate stage times only what it re-scored: the tasks' sum is the evaluation
+            t = a.times.setdefault(m.name, {})
+            t["evaluate"] = sum(tasks.values())
+            t.update({f"evaluate: {k}": v for k, v in tasks.items()})
 
 
 # Libraries whose version can change a model's weights or its scores.

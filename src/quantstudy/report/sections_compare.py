@@ -145,10 +145,13 @@ def technical(doc: Document, a: Analysis) -> None:
 
 def run_times(doc: Document, a: Analysis) -> None:
     """Where the study's time went: one row per model, one column per stage (and per evaluated task)."""
-    cols = sorted({k for t in a.times.values() for k in t}, key=lambda k: (k.startswith("evaluate: "), k))
+    order = ("resolve", "train", "quantize", "evaluate", "measure", "fidelity")  # the study's stage order
+    cols = sorted({k for t in a.times.values() for k in t},
+                  key=lambda k: (k.startswith("evaluate: "), order.index(k) if k in order else len(order), k))
     if not cols:
         return
     rows = [[m.name] + [d.secs(a.times.get(m.name, {}).get(c)) for c in cols] for m in a.models if m.name in a.times]
     doc.add(Table(["model"] + cols, rows,
-                  "Wall time of the run that produced each result (a cached stage keeps its first run's time; "
-                  "per-task times exclude model loading; a resumed evaluation times only the items it scored)."))
+                  "Wall time of the run that produced each result (a cached stage keeps its first run's time). "
+                  "evaluate = the sum of its tasks' scoring times (model loading excluded); a resumed evaluation "
+                  "times only the items it scored."))
