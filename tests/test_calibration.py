@@ -80,3 +80,23 @@ def test_bad_jsonl_names_the_file(tmp_path):
 def test_train_source_without_training_is_an_error(tmp_path):
     with pytest.raises(QuantStudyError, match="needs a `train:` section"):
         build_calibration(CalibrationConfig(source="train", samples=2), PlainTok(), None, tmp_path)
+
+
+def test_calibration_on_evaluated_text_is_refused() -> None:
+    from quantstudy.calibration import check_held_out
+    from quantstudy.config import parse_config
+
+    def study(calib: str, tasks: list[str], fidelity: bool) -> tuple:
+        cfg = parse_config({"name": "s", "model": {"source": "x"}, "calibration": {"source": calib},
+                            "evaluate": {"tasks": tasks}, "fidelity": {} if fidelity else None})
+        return cfg, [("calibration.source", cfg.calibration)]
+
+    with pytest.raises(QuantStudyError, match="fidelity.source wikitext") as e:
+        check_held_out(*study("wikitext", ["arc_easy"], True), offline=True)
+    assert "calibration.source" in e.value.field and "hub's wikitext train split" in str(e.value.fix)
+    with pytest.raises(QuantStudyError, match="evaluate task wikitext"):
+        check_held_out(*study("wikitext", ["wikitext"], False), offline=True)
+    with pytest.raises(QuantStudyError, match="evaluate task openmathinstruct2"):
+        check_held_out(*study("openmathinstruct2", ["openmathinstruct2"], False), offline=False)
+    check_held_out(*study("wikitext", ["wikitext"], True), offline=False)  # hub: calibrates on the train split
+    check_held_out(*study("gsm8k", ["gsm8k", "wikitext"], True), offline=True)  # train vs test files

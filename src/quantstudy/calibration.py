@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from quantstudy.config import CalibrationConfig, CalibSource
+from quantstudy.config import CalibrationConfig, CalibSource, StudyConfig, TaskName
 from quantstudy.errors import QuantStudyError
 from quantstudy.sources import Conversation, load_conversations
 
@@ -83,3 +83,25 @@ def tokenize(cs: CalibrationSet, tokenizer: Any, max_seq_len: int) -> Any:
     # The rendered chat template already carries the special tokens it needs.
     enc = tokenizer(cs.texts, truncation=True, max_length=max_seq_len, add_special_tokens=False)
     return Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+
+
+def check_held_out(cfg: StudyConfig, calibs: list[tuple[str, CalibrationConfig]], offline: bool) -> None:
+    """Calibration must not see the text a study evaluates on. Offline, `wikitext` calibration
+    reads wiki.test.raw (the data dir holds only the test split), the same text the wikitext
+    task and the fidelity stage score; `openmathinstruct2` calibration and evaluation both draw
+    from the same rows, online and offline. (gsm8k calibrates on train, evaluates on test.)"""
+    tasks = {s.name for s in cfg.evaluate.task_specs()} if cfg.evaluate else set()
+    for where, c in calibs:
+        uses: list[str] = []
+        if c.source == CalibSource.wikitext and offline:
+            uses += ["evaluate task wikitext"] if TaskName.wikitext in tasks else []
+            uses += ["fidelity.source wikitext"] if cfg.fidelity and cfg.fidelity.source == "wikitext" else []
+        if c.source == CalibSource.openmathinstruct2 and TaskName.openmathinstruct2 in tasks:
+            uses.append("evaluate task openmathinstruct2")
+        if uses:
+            raise QuantStudyError(f"the calibration text is also evaluation text ({', '.join(uses)}): a variant "
+                                  "calibrated on it would be scored on what it was fitted to",
+                                  field=where, value=c.source.value,
+                                  fix="calibrate on another source (sharegpt, gsm8k, jsonl, train) or drop that "
+                                      "task / fidelity text" + (", or use the hub's wikitext train split (no data_dir)"
+                                                                if c.source == CalibSource.wikitext else ""))

@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from quantstudy import environment
-from quantstudy.variants import Variant, expand_variants
+from quantstudy.calibration import check_held_out
 from quantstudy.context import RunContext
 from quantstudy.models import (SourceKind, check_model_dir, classify, file_sha256, builtin_gguf,
                                resolve_source, weights_hash, weights_size)
 from quantstudy.store import ModelRecord
+from quantstudy.variants import Variant, expand_variants
 
 BASE, TRAINED = "base", "trained"
 
@@ -61,6 +62,8 @@ def plan(ctx: RunContext) -> list[Step]:
     """The ordered list of stages the study needs, each marked cached or to run."""
     cfg, store, versions = ctx.cfg, ctx.store, environment.versions()
     variants = expand_variants(cfg)
+    check_held_out(cfg, [(f"quantize: {v.name}: calibration.source", v.calibration) for v in variants
+                         if v.calibration is not None], offline=ctx.data_dir is not None)
     steps = [Step("resolve", BASE, key_of("resolve", source_fingerprint(ctx), m_dtype(ctx)))]
     roots = [(BASE, steps[0].key)]
     if cfg.train is not None:
