@@ -91,6 +91,20 @@ def test_batching_and_packing_do_not_change_results(tiny, monkeypatch, width):
         assert b.logprob == pytest.approx(a.logprob, abs=1e-10) and a.is_greedy == b.is_greedy
 
 
+def test_eager_attention_float_mask_equals_sdpa_bool_mask(tiny, monkeypatch):
+    # SDPA gets a boolean "may attend" mask, eager attention an additive float mask: same scores
+    import copy
+
+    model, tok = tiny
+    monkeypatch.setattr(fastscore, "PACK_WIDTH", 256)
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    a, b = FastScorer(model, tok), FastScorer(eager, tok)
+    assert (a._bool_mask, b._bool_mask) == (True, False)
+    for x, y in zip(a.loglikelihood(requests()), b.loglikelihood(requests())):
+        assert x.logprob == pytest.approx(y.logprob, abs=1e-7) and x.is_greedy == y.is_greedy  # kernel order
+
+
 def test_is_greedy_against_lm_eval_tokens(tiny):
     model, tok = tiny
     ctx = tok.encode(CTX)

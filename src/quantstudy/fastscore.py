@@ -111,6 +111,7 @@ class FastScorer(LMEvalTokens):
         # HFLM.max_length: config n_positions/max_position_embeddings/n_ctx, tokenizer, else 2048
         self.max_length = max_length or resolve_max_length(model.config, tokenizer, default=2048)
         self._split_head = self._head_is_separable()
+        self._bool_mask = getattr(model.config, "_attn_implementation", None) == "sdpa"
         # FLOPs per token of the layers (2 x weights) and per query-key pair of attention (4 x width x layers)
         cfg = model.config.get_text_config()
         emb = sum(p.numel() for m in (model.get_input_embeddings(),) for p in m.parameters())
@@ -225,8 +226,12 @@ class FastScorer(LMEvalTokens):
             uq, uk, sq, sk = unit[:, :, None], unit[:, None, :], seg[:, :, None], seg[:, None, :]
             allowed = (ar[None, :] <= ar[:, None]) & (uk == uq) & (uk >= 0) & ((sk == 0) | (sk == sq))
             allowed |= torch.eye(width, dtype=torch.bool)  # pad rows attend to themselves: no NaN
-            dtype = next(self.model.parameters()).dtype
-            mask = torch.zeros(n, 1, width, width, dtype=dtype).masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+            if self._bool_mask:  # SDPA takes "may attend" booleans: same result, ~10% faster on CPU than
+                mask = allowed[:, None]  # an additive float mask (HellaSwag, SmolLM2; bit-identical scores)
+            else:  # eager attention adds the mask to the scores
+                dtype = next(self.model.parameters()).dtype
+                mask = torch.zeros(n, 1, width, width, dtype=dtype).masked_fill_(~allowed[:, None],
+                                                                                 torch.finfo(dtype).min)
             mask = mask.to(self.device)
         lp, greedy = self._token_scores(ids.to(self.device), mask, pos.to(self.device) if masked else None,
                                         torch.tensor(flat, device=self.device), torch.tensor(targets, device=self.device))
