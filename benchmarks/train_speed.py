@@ -4,15 +4,18 @@ Both recipes train SmolLM2-135M-Instruct with LoRA r=16 alpha=32 on all linear l
 batch 8, max length 384, lr 2e-4 cosine, on the SAME OpenMathInstruct-2 samples (default
 200, 25 steps), from the same weights and seed. They differ only in what changes speed:
 
-  baseline  float32, gradient checkpointing (TRL's default), random batches, LoRA dropout 0.05
+  baseline  float32, gradient checkpointing (TRL's default), random batches, LoRA dropout 0.05,
+            TRL's CPU LM head (vocabulary projection at every position, prompt and padding too)
   defaults  TrainConfig defaults: bf16 matmuls (frozen base in bf16, adapter float32, merged
-            into float32 weights), no gradient checkpointing, length-grouped batches, dropout 0
+            into float32 weights), no gradient checkpointing, length-grouped batches, dropout 0,
+            vocabulary projection only where a token carries loss (train.head_on_labelled_positions)
 
 Wall time covers the whole `train.fit` call (model load, tokenizing, training, merge). A
 logged training loss is one batch's loss, and length grouping changes which rows share the
 last batch, so the two recipes' final logged losses are different quantities; the table
 therefore also gives each merged model's completion loss (float32) on the same held-out
-rows: that is the like-for-like "final loss". Each recipe runs in a fresh process.
+rows (default 100), compared pairwise with a 95% bootstrap interval: that is the like-for-like
+"final loss". Each recipe runs in a fresh process.
 
   flock /tmp/qs-heavy.lock .venv/bin/python benchmarks/train_speed.py            # ~20 min
   .venv/bin/python benchmarks/train_speed.py --samples 16 --heldout 4            # smoke run
@@ -21,6 +24,7 @@ rows: that is the like-for-like "final loss". Each recipe runs in a fresh proces
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -28,11 +32,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
 
-from quantstudy import train, train_data
+from quantstudy import stats, train, train_data
 from quantstudy.config import TrainConfig
 from quantstudy.models import load_pretrained
 from quantstudy.resources import track_peak_memory
@@ -40,9 +45,10 @@ from quantstudy.resources import track_peak_memory
 REPO = Path(__file__).resolve().parents[1]
 
 
-def heldout_nll(model, tok, samples) -> float:
-    """Mean completion NLL (nats/token) of the replies, prompts rendered by the chat template."""
-    total, n = 0.0, 0
+def heldout_nll(model, tok, samples) -> tuple[list[float], list[int]]:
+    """Per held-out row: summed completion NLL (nats) of the reply and its token count, prompts
+    rendered by the chat template. Mean = sum(nll) / sum(tokens)."""
+    nll, count = [], []
     model.eval()
     for c in samples:
         prompt = tok.apply_chat_template(c.as_dicts()[:-1], add_generation_prompt=True, tokenize=False)
@@ -52,38 +58,44 @@ def heldout_nll(model, tok, samples) -> float:
         with torch.no_grad():
             logp = torch.log_softmax(model(ids).logits[0].float(), -1)
         tgt = ids[0, start:]
-        total -= logp[start - 1:-1].gather(1, tgt[:, None]).sum().item()
-        n += len(tgt)
-    return total / n
+        nll.append(-logp[start - 1:-1].gather(1, tgt[:, None]).sum().item())
+        count.append(len(tgt))
+    return nll, count
 
 
-# name -> (TrainConfig changes, SFTConfig overrides). Only "baseline" and "defaults" run by
-# default; the others split the gain into its parts (--recipes baseline,fp32-nogc,...).
+# name -> (TrainConfig changes, SFTConfig overrides, vocabulary projection on labelled positions
+# only). Only "baseline" and "defaults" run by default; the others split the gain into its parts
+# (--recipes baseline,fp32-nogc,...).
 FP32_RANDOM = {"bf16_autocast": False, "group_by_length": False, "lora": {"r": 16, "alpha": 32, "dropout": 0.05}}
 RECIPES = {
-    "baseline": (FP32_RANDOM, {"gradient_checkpointing": True}),
-    "fp32-nogc": (FP32_RANDOM, {}),
-    "fp32-nogc-grouped": ({**FP32_RANDOM, "group_by_length": True}, {}),
-    "bf16-grouped-dropout": ({"lora": FP32_RANDOM["lora"]}, {}),
-    "defaults": ({}, {}),
+    "baseline": (FP32_RANDOM, {"gradient_checkpointing": True}, False),
+    "fp32-nogc": (FP32_RANDOM, {}, False),
+    "fp32-nogc-grouped": ({**FP32_RANDOM, "group_by_length": True}, {}, False),
+    "bf16-grouped-dropout": ({"lora": FP32_RANDOM["lora"]}, {}, False),
+    "defaults-allpos": ({}, {}, False),
+    "defaults": ({}, {}, True),
 }
 
 
 def run(recipe: str, model_dir: Path, samples, heldout, cfg: TrainConfig, console: Console) -> dict:
-    changes, overrides = RECIPES[recipe]
+    changes, overrides, compact_head = RECIPES[recipe]
     cfg = TrainConfig.model_validate({**cfg.model_dump(), **changes})
+    if not compact_head:  # TRL's own CPU behaviour: the head projects every position
+        train.head_on_labelled_positions = contextlib.nullcontext
     t0, c0 = time.perf_counter(), time.process_time()
     with track_peak_memory("cpu") as mem:
         trainer, merged, tok = train.fit(model_dir, samples, cfg, "cpu", console, Path("/tmp/qs-train-speed") / recipe,
                                          label=recipe, **overrides)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    nll, count = heldout_nll(merged, tok, heldout)
     curve = train.loss_curve(trainer)
     tokens = int(trainer.state.num_input_tokens_seen)
     args = trainer.args
     return {"recipe": recipe, "wall_s": wall, "cpu_s": cpu, "steps": trainer.state.global_step, "tokens": tokens,
             "tokens_per_s": tokens / wall, "first_loss": curve[0][1], "final_loss": curve[-1][1],
             "mean_loss_last5": sum(v for _, v in curve[-5:]) / len(curve[-5:]),
-            "heldout_nll": heldout_nll(merged, tok, heldout), "peak_rss_gb": mem.bytes / 1e9,
+            "heldout_nll": sum(nll) / sum(count), "heldout_rows": nll, "heldout_tokens": count,
+            "peak_rss_gb": mem.bytes / 1e9,
             "bf16": bool(args.bf16), "gradient_checkpointing": bool(args.gradient_checkpointing),
             "sampler": args.train_sampling_strategy, "lora_dropout": cfg.lora.dropout, "curve": curve}
 
@@ -93,7 +105,7 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=Path(os.environ.get("QS_SMOLLM2", "/work/smollm2-hf")))
     ap.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
     ap.add_argument("--samples", type=int, default=200)
-    ap.add_argument("--heldout", type=int, default=32)
+    ap.add_argument("--heldout", type=int, default=100)
     ap.add_argument("--recipes", default="baseline,defaults")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--one", choices=sorted(RECIPES), help=argparse.SUPPRESS)
@@ -123,7 +135,8 @@ def main() -> None:
                        check=True)
         results.append(json.loads(out.read_text()))
     base, tok = load_pretrained(a.model)
-    base_nll = heldout_nll(base, tok, heldout)
+    nll, count = heldout_nll(base, tok, heldout)
+    base_nll = sum(nll) / sum(count)
 
     t = Table(title=f"SFT on CPU, {len(samples)} samples; held-out = {len(heldout)} other rows "
                     f"(base model {base_nll:.4f} nats/token)")
@@ -139,8 +152,15 @@ def main() -> None:
     console.print(f"{first['recipe']} / {last['recipe']}: wall {first['wall_s'] / last['wall_s']:.2f}x, "
                   f"CPU time {first['cpu_s'] / last['cpu_s']:.2f}x. CPU time is process user+sys over 2 cores; "
                   "wall time also counts other processes sharing the machine")
+    # Is the faster recipe's held-out loss worse? Paired over the same rows, token-weighted, with a
+    # 95% percentile-bootstrap interval: a difference inside it is noise of this held-out set.
+    pb = stats.paired_bootstrap(np.array(first["heldout_rows"]), np.array(last["heldout_rows"]),
+                                np.array(first["heldout_tokens"]))
+    console.print(f"held-out loss {last['recipe']} - {first['recipe']}: {pb.diff:+.4f} nats/token, 95% paired bootstrap "
+                  f"interval [{pb.diff_lo:+.4f}, {pb.diff_hi:+.4f}] over {pb.n} rows, p = {pb.p:.3f}")
     if a.json:
-        a.json.write_text(json.dumps({"base_heldout_nll": base_nll, "results": results}, indent=1))
+        a.json.write_text(json.dumps({"base_heldout_nll": base_nll, "paired_heldout": vars(pb), "results": results},
+                                     indent=1))
 
 
 if __name__ == "__main__":

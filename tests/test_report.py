@@ -272,3 +272,13 @@ def test_run_times_table(store: Store, tmp_path: Path) -> None:
     row = next(line for line in md.splitlines() if line.startswith("| gptq-c64 |") and "83.00 s" in line)
     assert "12.50 s" in row
     assert json.loads((tmp_path / "study" / "results.json").read_text())["wall_seconds"]["gptq-c64"]["quantize"] == 83.0
+
+
+def test_training_loss_span_is_a_mean_over_a_fifth_of_the_steps() -> None:
+    from quantstudy.report.sections_compare import _loss_span
+
+    curve = [(float(s), float(s)) for s in range(1, 16)]  # 15 steps, loss = step
+    assert _loss_span(curve, first=True) == "2.000 (steps 1-3)"  # (1 + 2 + 3) / 3
+    assert _loss_span(curve, first=False) == "14.000 (steps 13-15)"
+    assert _loss_span(curve[:2], first=False) == "2.000 (step 2)"
+    assert _loss_span([], first=True) == "—"

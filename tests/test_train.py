@@ -230,6 +230,40 @@ def test_completion_only_masking_hand_made(tok, tmp_path):
         assert loss == pytest.approx(ref, rel=2e-3)
 
 
+def test_head_on_labelled_positions_same_loss_and_gradients(tok, tmp_path, monkeypatch):
+    """TRL's CPU path projects every position; the compact one only labelled positions (prompt and
+    padding skipped) and must give the same loss and gradients."""
+    import trl.kernels.chunked_logprob as kernel
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    samples = [conv(0, "What is 2 plus 2?", "2 plus 2 is 4."), conv(1, "What is 12 plus 30?", "It is 42, since 12 plus 30 is 42.")]
+    cfg = TrainConfig(samples=2, max_steps=1, max_seq_len=64)
+    trainer = SFTTrainer(model=tiny_model(tok), args=train.sft_args(cfg, tmp_path / "o", "cpu"),
+                         train_dataset=Dataset.from_list(train_data.as_records(samples, True)), processing_class=tok)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    assert labelled < batch["labels"][:, 1:].numel()  # the batch has prompt and padding positions
+    rows: list[int] = []
+    apply = kernel.ChunkedLogProbFunction.apply
+    monkeypatch.setattr(kernel.ChunkedLogProbFunction, "apply", lambda h, *a: rows.append(h.shape[0]) or apply(h, *a))
+
+    def loss_and_grads() -> tuple[float, list[torch.Tensor]]:
+        trainer.model.zero_grad()
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in trainer.model.parameters() if p.grad is not None]
+
+    full_loss, full_grads = loss_and_grads()
+    with train.head_on_labelled_positions():
+        compact_loss, compact_grads = loss_and_grads()
+    assert rows == [batch["labels"][:, 1:].numel(), labelled]
+    assert compact_loss == pytest.approx(full_loss, rel=1e-6)
+    assert len(compact_grads) == len(full_grads) > 0
+    for a, b in zip(compact_grads, full_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_full_sequence_loss_when_completion_only_is_off(tok, tmp_path):
     from datasets import Dataset
     from trl import SFTTrainer

@@ -19,6 +19,8 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +96,30 @@ def lora_config(cfg: TrainConfig) -> Any:
                       target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
 
 
+@contextmanager
+def head_on_labelled_positions() -> Iterator[None]:
+    """Make TRL's fused LM head skip positions without a label on CPU too.
+
+    TRL 1.x (`add_fused_lm_head`) projects only the positions whose next token carries a loss on
+    Triton devices, but every position elsewhere, so that graph compilers see fixed tile shapes.
+    On CPU in eager mode that runs the 49k-wide vocabulary projection, its softmax statistics and
+    their backward on prompt and padding tokens, which completion-only loss then multiplies by
+    zero. Skipping them changes no loss and no gradient (tests/test_train.py checks it). TRL has no
+    option for this; the switch is its module-level `_use_triton` lookup, restored on exit (an
+    older/newer TRL without it is left as it is)."""
+    import trl.trainer.utils as trl_utils
+
+    original = getattr(trl_utils, "_use_triton", None)
+    if original is None:
+        yield
+        return
+    trl_utils._use_triton = lambda device: device.type == "cpu" or original(device)
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = original
+
+
 def run_sft(model: Any, tok: Any, samples: list[Conversation], cfg: TrainConfig, args: Any,
             console: Console, label: str = "SFT", resume: str | None = None) -> Any:
     """Train in place with SFTTrainer (from checkpoint `resume` if given); returns the trainer
@@ -118,7 +144,8 @@ def run_sft(model: Any, tok: Any, samples: list[Conversation], cfg: TrainConfig,
         if bars:
             datasets.enable_progress_bars()
     trainer.remove_callback(PrinterCallback)  # it prints every log dict; RichProgress shows them
-    trainer.train(resume_from_checkpoint=resume)
+    with head_on_labelled_positions():
+        trainer.train(resume_from_checkpoint=resume)
     return trainer
 
 

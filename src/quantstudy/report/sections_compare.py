@@ -49,6 +49,16 @@ def pairs(doc: Document, a: Analysis) -> None:
             doc.add(Para(cells.COMPARE_NOTE))
 
 
+def _loss_span(loss: list[tuple[float, float]], first: bool) -> str:
+    """Mean loss over the first or last fifth of the steps (at least one), with the steps it covers."""
+    if not loss:
+        return d.DASH
+    k = max(1, round(len(loss) / 5))
+    part = loss[:k] if first else loss[-k:]
+    steps = f"step {part[0][0]:g}" if k == 1 else f"steps {part[0][0]:g}-{part[-1][0]:g}"
+    return f"{sum(v for _, v in part) / k:.3f} ({steps})"
+
+
 def training(doc: Document, a: Analysis) -> None:
     """Training cost and curve, then trained vs base: original models, and quantized at equal settings."""
     trained = [p for p in a.pairs_of(PairKind.parent) if a.model(p.other).role == "trained"]
@@ -58,12 +68,15 @@ def training(doc: Document, a: Analysis) -> None:
     rows = []
     for name, t in a.training.items():
         m, loss = t["metrics"], t["loss"]
-        first = f"{loss[0][1]:.3f} (step {loss[0][0]:g})" if loss else d.DASH
-        rows.append([name, a.model(name).describe, d.secs(m.get("train.seconds")), first,
-                     d.num(m.get("train.final_loss"), 3), d.size(m.get("train.peak_rss_bytes")),
+        rows.append([name, a.model(name).describe, d.secs(m.get("train.seconds")), _loss_span(loss, first=True),
+                     _loss_span(loss, first=False), d.size(m.get("train.peak_rss_bytes")),
                      d.DASH if m.get("train.tokens") is None else f"{m['train.tokens']:.0f}"])
     if rows:
-        doc.add(Table(["model", "training", "wall time", "first loss", "final loss", "peak memory", "tokens"], rows))
+        doc.add(Table(["model", "training", "wall time", "loss, first steps", "loss, last steps", "peak memory",
+                       "tokens"], rows))
+        doc.add(Para("*Training loss: mean over the first and the last fifth of the logged steps. One step's loss "
+                     "is one batch of different rows (of different lengths when batches are length-grouped), so a "
+                     "single step says little; what training changed on held-out items is in the tables below.*"))
     if any(t["loss"] for t in a.training.values()):
         doc.add(Image("train_loss", "Training loss per step"))
     for p in trained:
