@@ -28,7 +28,7 @@ def write_study(root: Path, model_dir: Path, data: Path) -> Path:
     cfg = {"name": "resume", "output_dir": "out", "data_dir": str(data), "model": {"source": str(model_dir)},
            "calibration": {"samples": 4, "max_seq_len": 32},
            "quantize": [{"method": "gptq", "group_size": 32}],
-           "evaluate": {"tasks": [{"name": "arc_easy", "limit": 24}, {"name": "wikitext", "limit": 2}], "batch_size": 4,
+           "evaluate": {"tasks": [{"name": "arc_easy", "limit": 40}, {"name": "wikitext", "limit": 2}], "batch_size": 4,
                         "speed": None}}
     root.mkdir(parents=True, exist_ok=True)
     (root / "study.yaml").write_text(yaml.safe_dump(cfg))
@@ -61,7 +61,7 @@ def reference(tmp_path_factory, model_dir, shared_data) -> dict[tuple, tuple]:
     r = run(write_study(root, model_dir, shared_data))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = items(root / "out/store.sqlite")
-    assert len({k[0] for k in rows}) == 2 and len(rows) == 2 * (24 + 2)
+    assert len({k[0] for k in rows}) == 2 and len(rows) == 2 * (40 + 2)
     return results(rows)
 
 

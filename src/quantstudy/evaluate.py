@@ -115,6 +115,17 @@ def score_prompts(task: Task, prompts: list[Prompt], scorer: Scorer, max_new_tok
     return recs
 
 
+def items_per_call(kind: Kind, batch_size: int) -> int:
+    """Items per scorer call, which is also how often scored items are written to the store.
+    Generation: one batch. Perplexity: one document (its windows are the batch). Multiple choice:
+    8 batches' worth, because the prefix-sharing scorer bin-packs the questions of one call into
+    rows, and more questions pack tighter (HellaSwag, SmolLM2 tokens: 8.9% padding at 16 items
+    per call, 2.4% at 128); a kill loses at most one call (~20 s on a 2-core CPU)."""
+    if kind is Kind.rolling:
+        return 1
+    return batch_size * 8 if kind is Kind.multiple_choice else batch_size
+
+
 def _fresh(rec: st.ItemRecord | None, p: Prompt, task: Task, max_new: int) -> bool:
     return rec is not None and rec.prompt_hash == p.hash and (
         task.kind is not Kind.generate or rec.details.get("max_new_tokens") == max_new)
@@ -161,7 +172,7 @@ def evaluate_model(ctx: RunContext, model: st.ModelRecord) -> None:
             todo = [p for p in prompts if not _fresh(have.get(p.item.id), p, task, ecfg.max_new_tokens)]
             bar = progress.add_task(f"{model.name} · {task.name.value}", total=len(prompts),
                                     completed=len(prompts) - len(todo))
-            step = 1 if task.kind is Kind.rolling else ecfg.batch_size
+            step = items_per_call(task.kind, ecfg.batch_size)
             scorer = lazy.scorer() if todo else None  # loaded before the clock starts: load time is not task time
             t0 = time.perf_counter()
             for b in range(0, len(todo), step):
