@@ -73,6 +73,8 @@ RECIPES = {
     "fp32-nogc-grouped": ({**FP32_RANDOM, "group_by_length": True}, {}, False),
     "bf16-grouped-dropout": ({"lora": FP32_RANDOM["lora"]}, {}, False),
     "defaults-allpos": ({}, {}, False),
+    "defaults-random": ({"group_by_length": False}, {}, True),
+    "defaults-dropout": ({"lora": FP32_RANDOM["lora"]}, {}, True),
     "defaults": ({}, {}, True),
 }
 
@@ -108,6 +110,7 @@ def main() -> None:
     ap.add_argument("--heldout", type=int, default=100)
     ap.add_argument("--recipes", default="baseline,defaults")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--reuse", default="", help="recipes whose result of an earlier run (same samples) is reused")
     ap.add_argument("--one", choices=sorted(RECIPES), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if not (a.model / "config.json").is_file():
@@ -130,6 +133,9 @@ def main() -> None:
     for r in a.recipes.split(","):
         # A fresh process per recipe: peak RSS and allocator state are not inherited from the previous one.
         out = Path(f"/tmp/qs-train-speed-{r}.json")
+        if r in a.reuse.split(",") and out.is_file():
+            results.append(json.loads(out.read_text()))
+            continue
         subprocess.run([sys.executable, __file__, "--one", r, "--json", str(out), "--model", str(a.model),
                         "--data-dir", str(a.data_dir), "--samples", str(a.samples), "--heldout", str(a.heldout)],
                        check=True)
@@ -154,12 +160,15 @@ def main() -> None:
                   "wall time also counts other processes sharing the machine")
     # Is the faster recipe's held-out loss worse? Paired over the same rows, token-weighted, with a
     # 95% percentile-bootstrap interval: a difference inside it is noise of this held-out set.
-    pb = stats.paired_bootstrap(np.array(first["heldout_rows"]), np.array(last["heldout_rows"]),
-                                np.array(first["heldout_tokens"]))
-    console.print(f"held-out loss {last['recipe']} - {first['recipe']}: {pb.diff:+.4f} nats/token, 95% paired bootstrap "
-                  f"interval [{pb.diff_lo:+.4f}, {pb.diff_hi:+.4f}] over {pb.n} rows, p = {pb.p:.3f}")
+    paired = {}
+    for r in results[1:]:
+        pb = stats.paired_bootstrap(np.array(first["heldout_rows"]), np.array(r["heldout_rows"]),
+                                    np.array(first["heldout_tokens"]))
+        paired[r["recipe"]] = vars(pb)
+        console.print(f"held-out loss {r['recipe']} - {first['recipe']}: {pb.diff:+.4f} nats/token, 95% paired "
+                      f"bootstrap interval [{pb.diff_lo:+.4f}, {pb.diff_hi:+.4f}] over {pb.n} rows, p = {pb.p:.3f}")
     if a.json:
-        a.json.write_text(json.dumps({"base_heldout_nll": base_nll, "paired_heldout": vars(pb), "results": results},
+        a.json.write_text(json.dumps({"base_heldout_nll": base_nll, "paired_heldout": paired, "results": results},
                                      indent=1))
 
 

@@ -212,3 +212,53 @@ def test_models_with_extra_logit_ops_use_full_logits(tiny):
     finally:
         hook.remove()
     assert FastScorer(model, tok)._split_head
+
+
+def _direct_greedy(model, ctx: list[int], cont: list[int]) -> bool:
+    whole = ctx + cont
+    with torch.no_grad():
+        logits = model(torch.tensor([whole[:-1]])).logits[0]
+    return bool((logits[len(ctx) - 1:].argmax(-1) == torch.tensor(cont)).all())
+
+
+@pytest.mark.parametrize("width", [4, 12, 64])  # tiny rows force the tree to be cut and paths copied
+def test_prefix_tree_shares_across_contexts_and_matches_full_sequences(tiny, monkeypatch, width):
+    model, tok = tiny
+    monkeypatch.setattr(fastscore, "PACK_WIDTH", width)
+    g = torch.Generator().manual_seed(0)
+    rand = lambda n: torch.randint(2, len(tok), (n,), generator=g).tolist()  # noqa: E731
+    stem = rand(24)
+    pairs = []
+    for k in range(12):  # contexts that share prefixes of different lengths, 3 continuations each
+        ctx = stem[:3 + (k * 7) % 18] + rand(k % 4)
+        pairs += [(ctx, rand(1 + (k + c) % 4)) for c in range(3)]
+    pairs.append((stem[:5], stem[5:9]))  # its fed tokens are a prefix of other contexts
+    pairs.append((stem[:8], [stem[8]]))  # fed sequence ends at a node inside the shared stem
+    pairs.append((stem[:8], [stem[8]]))  # a duplicate request
+    got = FastScorer(model, tok, batch_size=3, max_batch_tokens=64).score_tokens(pairs)
+    for (ctx, cont), (lp, greedy) in zip(pairs, got):
+        assert lp == pytest.approx(direct(model, ctx, cont, 48), abs=1e-9)
+        assert greedy == _direct_greedy(model, ctx, cont)
+
+
+def test_prefix_tree_pieces_hold_whole_paths_and_share_prefixes():
+    from quantstudy import prefixtree
+
+    g = torch.Generator().manual_seed(1)
+    stem = torch.randint(0, 50, (40,), generator=g).tolist()
+    seqs = [stem[:5 + (k * 11) % 35] + torch.randint(0, 50, (1 + k % 6,), generator=g).tolist() for k in range(30)]
+    trie = prefixtree.Trie()
+    paths = [trie.add(s, i) for i, s in enumerate(seqs)]
+    assert len(trie.tok) == len({tuple(s[:j]) for s in seqs for j in range(1, len(s) + 1)})  # distinct prefixes
+    for limit in (8, 16, 64, 4096):
+        pieces = prefixtree.split(trie, trie.sizes(), limit)
+        owner = {i: p for p in pieces for i in p.reqs}
+        assert sorted(owner) == list(range(len(seqs)))  # every request scored exactly once
+        assert sum(len(p.reqs) for p in pieces) == len(seqs)
+        for i, p in owner.items():
+            assert set(paths[i]) <= set(p.nodes)  # its whole sequence is in its piece
+        for p in pieces:
+            assert len(set(p.nodes)) == len(p.nodes)
+            assert all(trie.parent[n] in p.nodes[:j] or trie.parent[n] == -1 for j, n in enumerate(p.nodes))
+        if limit == 4096:  # everything fits in one piece: each prefix once
+            assert len(pieces) == 1 and len(pieces[0]) == len(trie.tok)

@@ -1,14 +1,14 @@
-"""Prefix-sharing scorer: lm-eval's loglikelihood semantics, each shared context computed once.
+"""Prefix-sharing scorer: lm-eval's loglikelihood semantics, each shared prefix computed once.
 
 lm-eval's HFLM runs every (context, continuation) pair as its own padded sequence, so a
 4-choice question computes its context 4 times, and the vocabulary projection at every
-position. Here the requests sharing a context form a *unit* [ctx | cont_1[:-1] | cont_2[:-1] ...]
-whose continuations restart their position ids at len(ctx) and, under a 4D attention mask,
-see the context and their own earlier tokens only: one pass gives exactly the logits of the
-separate sequences. Short units are bin-packed into rows (no padding to the longest question).
-Packing beats expanding a KV cache over the continuations on this CPU: one forward pass with
-larger matrices, no cache copies (SmolLM2, 150 ARC-Easy questions: 11.7 s vs 28.8 s).
-The vocabulary projection runs only at positions that score a token.
+position. Here the fed sequences of a call go into a token prefix tree (prefixtree.py): shared
+contexts, and prefixes shared between questions, are computed once. The tree is cut into pieces
+that are bin-packed into rows; under a 4D attention mask each token sees exactly its ancestors,
+with position ids = depth, so one pass gives the logits of the separate sequences (no padding
+to the longest question either). Packing beats expanding a KV cache over the continuations on
+this CPU: one forward pass with larger matrices, no cache copies (SmolLM2, 150 ARC-Easy
+questions: 11.7 s vs 28.8 s). The vocabulary projection runs only at positions that score a token.
 
 Token splitting is lm-eval 0.4.13's (`TemplateLM._encode_pair`, the empty-context rule,
 left truncation to max_length + 1); rolling windows come from lm_eval.utils itself.
@@ -21,56 +21,30 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from lm_eval.models.utils import resolve_max_length
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from quantstudy import prefixtree
 from quantstudy.generation import generate_tokens
 from quantstudy.scoring import GenRequest, GenResult, LLRequest, LLResult, RollingResult
 
-PACK_MAX_TOKENS = 2048  # longest unit with several continuations: its mask costs 4 * L^2 bytes
-PACK_WIDTH = 512  # widest row for short units; longer single-continuation units run unpacked
+PACK_WIDTH = 512  # widest row for short pieces; a longer sequence whose context nothing shares runs alone
 HEAD_CHUNK = 512  # positions per vocabulary projection: 512 x vocab floats (100 MB at 49k)
 
 
 @dataclass
-class _Unit:
-    """A context and the continuations packed behind it (they share its computation)."""
+class _Row:
+    """Tokens of one row of a forward pass and what to score in it."""
 
-    ctx: list[int]
-    conts: list[tuple[int, list[int]]] = field(default_factory=list)  # (request index, tokens)
+    tokens: list[int] = field(default_factory=list)
+    depth: list[int] = field(default_factory=list)  # position ids
+    parent: list[int] = field(default_factory=list)  # index in the row, -1 at a root
+    scored: list[tuple[int, list[int], list[int]]] = field(default_factory=list)  # (request, positions, targets)
 
     def __len__(self) -> int:
-        return len(self.ctx) + sum(len(c) - 1 for _, c in self.conts)
-
-
-def _pack_best(units: list[_Unit], lin: float, att: float) -> list[list[_Unit]]:
-    """Pack at the row width with the least estimated work: a batch of rows padded to width w
-    costs rows * w * (lin + att * w) (layers, plus attention over masked-out pairs too)."""
-    longest = max(map(len, units), default=1)
-    widths = [longest] + [w for w in (64, 96, 128, 192, 256, 384, 512) if longest < w <= PACK_WIDTH]
-
-    def cost(rows: list[list[_Unit]]) -> float:
-        w = max((sum(map(len, r)) for r in rows), default=0)
-        return len(rows) * w * (lin + att * w)
-
-    return min((_pack(units, w) for w in widths), key=cost)
-
-
-def _pack(units: list[_Unit], width: int) -> list[list[_Unit]]:
-    """First-fit decreasing: short units share rows of `width` tokens, so a batch of
-    differently sized questions is not padded to its longest one."""
-    rows: list[list[_Unit]] = []
-    free: list[int] = []
-    for u in sorted(units, key=len, reverse=True):
-        r = next((r for r, f in enumerate(free) if f >= len(u)), None)
-        if r is None:
-            rows.append([u])
-            free.append(width - len(u))
-        else:
-            rows[r].append(u)
-            free[r] -= len(u)
-    return rows
+        return len(self.tokens)
 
 
 class LMEvalTokens:
@@ -167,70 +141,78 @@ class FastScorer(LMEvalTokens):
     @torch.inference_mode()
     def score_tokens(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         """(context tokens, continuation tokens) -> (sum log p, all tokens greedy), lm-eval's way."""
-        groups: dict[tuple[int, ...], list[tuple[int, list[int]]]] = defaultdict(list)
+        fed, ctx_len, shared = [], [], defaultdict(int)
         for i, (ctx, cont) in enumerate(pairs):
             if not ctx or not cont or len(cont) > self.max_length:
                 raise ValueError(f"request {i}: empty context/continuation or continuation over max_length")
             whole = (ctx + cont)[-(self.max_length + 1):]  # HFLM's left truncation
-            groups[tuple(whole[:len(whole) - len(cont)])].append((i, cont))
-        units: list[_Unit] = []
-        for ctx, conts in groups.items():
-            unit = _Unit(list(ctx))
-            for i, cont in conts:
-                if unit.conts and len(unit) + len(cont) - 1 > PACK_MAX_TOKENS:
-                    units.append(unit)
-                    unit = _Unit(list(ctx))
-                unit.conts.append((i, cont))
-            units.append(unit)
-        # a long unit with one continuation (a perplexity window) runs alone under the plain causal
-        # mask; the rest are packed into rows under a 4D mask
-        solo = [[u] for u in units if len(u.conts) == 1 and len(u) > PACK_WIDTH]
-        packed = [u for u in units if not (len(u.conts) == 1 and len(u) > PACK_WIDTH)]
+            fed.append(whole[:-1])  # the last continuation token is a target only
+            ctx_len.append(len(whole) - len(cont))
+            shared[tuple(whole[:ctx_len[-1]])] += 1
+        # a long sequence whose context nothing shares (a perplexity window) runs alone under the
+        # plain causal mask; the rest goes into the prefix tree, packed into rows under a 4D mask
+        solo, trie, paths = [], prefixtree.Trie(), {}
+        for i, seq in enumerate(fed):
+            if len(seq) > PACK_WIDTH and shared[tuple(seq[:ctx_len[i]])] == 1:
+                solo.append(_Row(seq, list(range(len(seq))), list(range(-1, len(seq) - 1)),
+                                 [(i, list(range(ctx_len[i] - 1, len(seq))), pairs[i][1])]))
+            else:
+                paths[i] = trie.add(seq, i)
+        packed = [self._row(trie, r, paths, ctx_len, pairs) for r in
+                  prefixtree.best_rows(trie, *self._cost, max_width=PACK_WIDTH)] if paths else []
         results: list[tuple[float, bool] | None] = [None] * len(pairs)
-        for rows, masked in ((solo, False), (_pack_best(packed, *self._cost), True)):
-            rows.sort(key=lambda r: sum(map(len, r)), reverse=True)  # similar lengths share a batch
+        for rows, masked in ((solo, False), (packed, True)):
+            rows.sort(key=len, reverse=True)  # similar lengths share a batch
             start = 0
             while start < len(rows):
-                width, end = sum(map(len, rows[start])), start + 1
+                width, end = len(rows[start]), start + 1
                 while end < len(rows) and end - start < self.batch_size and (end - start + 1) * width <= self.max_batch_tokens:
                     end += 1
                 self._run_batch(rows[start:end], masked, results)
                 start = end
         return results  # type: ignore[return-value]
 
-    def _run_batch(self, rows: list[list[_Unit]], masked: bool, results: list) -> None:
-        n, width = len(rows), sum(map(len, rows[0]))
+    @staticmethod
+    def _row(trie: prefixtree.Trie, pieces: list[prefixtree.Piece], paths: dict[int, list[int]],
+             ctx_len: list[int], pairs: list[tuple[list[int], list[int]]]) -> _Row:
+        """Lay pieces side by side; each request is scored at its context's last token and at each
+        fed continuation token (positions in the row), against the continuation's tokens."""
+        row = _Row()
+        for p in pieces:
+            at = {n: len(row) + j for j, n in enumerate(p.nodes)}
+            for n in p.nodes:
+                row.tokens.append(trie.tok[n])
+                row.depth.append(trie.depth[n])
+                row.parent.append(at.get(trie.parent[n], -1))
+            row.scored += [(i, [at[n] for n in paths[i][ctx_len[i] - 1:]], pairs[i][1]) for i in p.reqs]
+        return row
+
+    def _run_batch(self, rows: list[_Row], masked: bool, results: list) -> None:
+        n, width = len(rows), len(rows[0])
         ids = torch.zeros(n, width, dtype=torch.long)
         pos = torch.zeros(n, width, dtype=torch.long)
-        unit = torch.full((n, width), -1, dtype=torch.long)  # unit within the row, -1 = padding
-        seg = torch.zeros(n, width, dtype=torch.long)  # 0 = context, k = k-th continuation
+        allowed = np.zeros((n, width, width), dtype=bool) if masked else None  # [row, query, key]
         flat, targets, spans = [], [], []  # scored flat positions, their target tokens, per request
         for b, row in enumerate(rows):
-            at = 0
-            for u, un in enumerate(row):
-                c, base = len(un.ctx), b * width + at
-                ids[b, at:at + c], pos[b, at:at + c], unit[b, at:at + c] = torch.tensor(un.ctx), torch.arange(c), u
-                at += c
-                for k, (i, cont) in enumerate(un.conts, start=1):
-                    m = len(cont) - 1
-                    ids[b, at:at + m], pos[b, at:at + m] = torch.tensor(cont[:-1]), c + torch.arange(m)
-                    unit[b, at:at + m], seg[b, at:at + m] = u, k
-                    # the logit at the context's last token predicts cont[0]; then each fed token its successor
-                    spans.append((i, len(flat), len(cont)))
-                    flat += [base + c - 1] + [b * width + at + j for j in range(m)]
-                    targets += cont
-                    at += m
-        mask = None  # one continuation per row: right padding can't leak into a causal mask
-        if masked:  # attend within the own unit, to its context and to the own continuation only
-            ar = torch.arange(width)
-            uq, uk, sq, sk = unit[:, :, None], unit[:, None, :], seg[:, :, None], seg[:, None, :]
-            allowed = (ar[None, :] <= ar[:, None]) & (uk == uq) & (uk >= 0) & ((sk == 0) | (sk == sq))
-            allowed |= torch.eye(width, dtype=torch.bool)  # pad rows attend to themselves: no NaN
+            ids[b, :len(row)], pos[b, :len(row)] = torch.tensor(row.tokens), torch.tensor(row.depth)
+            if allowed is not None:  # a token sees its ancestors and itself (parents come first)
+                for j, p in enumerate(row.parent):
+                    if p >= 0:
+                        allowed[b, j] = allowed[b, p]
+                    allowed[b, j, j] = True
+                allowed[b, range(len(row), width), range(len(row), width)] = True  # padding: itself, no NaN
+            for i, positions, cont in row.scored:
+                spans.append((i, len(flat), len(cont)))
+                flat += [b * width + q for q in positions]
+                targets += cont
+        mask = None  # solo rows: right padding can't leak into a causal mask
+        if allowed is not None:
+            allowed_t = torch.from_numpy(allowed)
             if self._bool_mask:  # SDPA takes "may attend" booleans: same result, ~10% faster on CPU than
-                mask = allowed[:, None]  # an additive float mask (HellaSwag, SmolLM2; bit-identical scores)
+                mask = allowed_t[:, None]  # an additive float mask (HellaSwag, SmolLM2; bit-identical scores)
             else:  # eager attention adds the mask to the scores
                 dtype = next(self.model.parameters()).dtype
-                mask = torch.zeros(n, 1, width, width, dtype=dtype).masked_fill_(~allowed[:, None],
+                mask = torch.zeros(n, 1, width, width, dtype=dtype).masked_fill_(~allowed_t[:, None],
                                                                                  torch.finfo(dtype).min)
             mask = mask.to(self.device)
         lp, greedy = self._token_scores(ids.to(self.device), mask, pos.to(self.device) if masked else None,
