@@ -117,18 +117,22 @@ def _argmax(xs: list[float]) -> int:
 
 
 def task_tokens(a: argparse.Namespace) -> tuple[int, int]:
-    """Tokens lm-eval's HFLM feeds (ctx + cont - 1 per request) and tokens FastScorer computes."""
+    """Tokens lm-eval's HFLM feeds (ctx + cont - 1 per request), and the distinct prefixes of
+    those sequences: what a prefix tree computes with every shared prefix once (FastScorer
+    comes close: it builds one tree per scoring call and copies a path when it cuts the tree)."""
     from transformers import AutoTokenizer
 
     from quantstudy.fastscore import LMEvalTokens
+    from quantstudy.prefixtree import Trie
 
     enc, task = LMEvalTokens(AutoTokenizer.from_pretrained(a.model)), quantstudy_task(a.task)
-    full = shared = 0
+    full, trie = 0, Trie()
     for it in task.eval_items(Path(a.data_dir))[:a.limit]:
         pairs = [enc.encode_pair(task.doc_to_text(it.doc), " " + c) for c in task.doc_to_choice(it.doc)]
         full += sum(len(c) + len(k) - 1 for c, k in pairs)
-        shared += sum(len(c) for c in {tuple(c) for c, _ in pairs}) + sum(len(k) - 1 for _, k in pairs)
-    return full, shared
+        for c, k in pairs:
+            trie.add((c + k)[:-1], 0)
+    return full, len(trie.tok)
 
 
 def main() -> None:
@@ -178,7 +182,7 @@ def report(a: argparse.Namespace, runs: dict[str, list[dict]], full: int, shared
     norm_same = sum(ref[i][1] == ours[i][1] for i in ids) / len(ids)
     stable = all(r["preds"] == ours for r in runs["quantstudy"])
     print(f"\n{a.task}: {len(ids)} items, {a.model}, float32, CPU, batch 16, {a.runs} runs each (median)")
-    print(f"tokens: lm-eval feeds {full:,} (context + continuation per choice); shared contexts need {shared:,}")
+    print(f"tokens: lm-eval feeds {full:,} (context + continuation per choice); each shared prefix once: {shared:,}")
     print(f"{'':<12}{'wall s (median)':>16}{'all runs':>24}{'best':>8}{'task tok/s':>12}{'peak RSS GiB':>14}")
     for k, v in runs.items():
         walls = ", ".join(f"{r['wall']:.1f}" for r in v)

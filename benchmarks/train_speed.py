@@ -7,7 +7,7 @@ batch 8, max length 384, lr 2e-4 cosine, on the SAME OpenMathInstruct-2 samples 
   baseline  float32, gradient checkpointing (TRL's default), random batches, LoRA dropout 0.05,
             TRL's CPU LM head (vocabulary projection at every position, prompt and padding too)
   defaults  TrainConfig defaults: bf16 matmuls (frozen base in bf16, adapter float32, merged
-            into float32 weights), no gradient checkpointing, length-grouped batches, dropout 0,
+            into float32 weights), no gradient checkpointing, random batches, dropout 0,
             vocabulary projection only where a token carries loss (train.head_on_labelled_positions)
 
 Wall time covers the whole `train.fit` call (model load, tokenizing, training, merge). A
@@ -71,10 +71,9 @@ RECIPES = {
     "baseline": (FP32_RANDOM, {"gradient_checkpointing": True}, False),
     "fp32-nogc": (FP32_RANDOM, {}, False),
     "fp32-nogc-grouped": ({**FP32_RANDOM, "group_by_length": True}, {}, False),
-    "bf16-grouped-dropout": ({"lora": FP32_RANDOM["lora"]}, {}, False),
     "defaults-allpos": ({}, {}, False),
-    "defaults-random": ({"group_by_length": False}, {}, True),
-    "defaults-dropout": ({"lora": FP32_RANDOM["lora"]}, {}, True),
+    "defaults-grouped": ({"group_by_length": True}, {}, True),
+    "defaults-grouped-dropout": ({"group_by_length": True, "lora": FP32_RANDOM["lora"]}, {}, True),
     "defaults": ({}, {}, True),
 }
 

@@ -199,7 +199,8 @@ class TrainConfig(Strict):
     # bf16 matmuls (CPU: AVX512-BF16/AMX, ~2x the float32 rate); trainable weights stay float32, and
     # LoRA's frozen base is held in bf16 during training, then the adapter merges into float32 weights
     bf16_autocast: bool = True
-    group_by_length: bool = True
+    # fewer pad tokens (SmolLM2, 200 rows: 5.2 -> 4.5 min) but a measurably higher held-out loss
+    group_by_length: bool = False
 
     @model_validator(mode="after")
     def _path_for_jsonl(self) -> TrainConfig:
