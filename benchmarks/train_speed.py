@@ -73,6 +73,7 @@ RECIPES = {
     "fp32-nogc-grouped": ({**FP32_RANDOM, "group_by_length": True}, {}, False),
     "defaults-allpos": ({}, {}, False),
     "defaults-grouped": ({"group_by_length": True}, {}, True),
+    "defaults-fp32": ({"bf16_autocast": False}, {}, True),
     "defaults-grouped-dropout": ({"group_by_length": True, "lora": FP32_RANDOM["lora"]}, {}, True),
     "defaults": ({}, {}, True),
 }

