@@ -58,3 +58,47 @@ def onednn_linear(model: torch.nn.Module) -> Iterator[int]:
     finally:
         for m in swapped:
             del m.forward
+
+
+class _FrozenLinear(torch.autograd.Function):
+    """y = x W^T + b on oneDNN for a weight that gets no gradient; backward: dx = dy W, on oneDNN too."""
+
+    @staticmethod
+    def forward(ctx, x, w, w_t, b, op):  # x [..., in], w [out, in], w_t [in, out] contiguous
+        ctx.save_for_backward(w_t)  # x is not kept: no weight gradient to compute
+        ctx.op = op
+        return op(x, w, b, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, dy):  # dy [..., out] -> dx [..., in]
+        (w_t,) = ctx.saved_tensors
+        return ctx.op(dy.contiguous(), w_t, None, "none", [], ""), None, None, None, None
+
+
+@contextlib.contextmanager
+def onednn_frozen_linear(model: torch.nn.Module) -> Iterator[int]:
+    """For training: frozen float32 CPU nn.Linear layers (LoRA's base layers) forward and backward
+    on oneDNN inside the block; yields how many. Trained Linear layers keep torch's own autograd.
+
+    Costs one transposed copy of each frozen weight (SmolLM2: 0.43 GB) for the backward GEMM.
+    """
+    op = _onednn_op()
+    swapped = []
+    def frozen_forward(m: torch.nn.Linear, w_t: torch.Tensor):
+        def forward(x):
+            if x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):  # bf16 runs: torch's own path
+                return F.linear(x, m.weight, m.bias)
+            return _FrozenLinear.apply(x, m.weight, w_t, m.bias, op)
+        return forward
+
+    if op is not None:
+        for m in model.modules():
+            if (type(m) is torch.nn.Linear and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32
+                    and not m.weight.requires_grad and (m.bias is None or not m.bias.requires_grad)):
+                m.forward = frozen_forward(m, m.weight.detach().t().contiguous())
+                swapped.append(m)
+    try:
+        yield len(swapped)
+    finally:
+        for m in swapped:
+            del m.forward
