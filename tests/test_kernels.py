@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import pytest
@@ -69,28 +68,3 @@ def test_fast_scorer_on_onednn_matches_float64_full_sequences(model32):
             logp = ref64(torch.tensor([ctx + cont[:-1]])).logits.log_softmax(-1)[0]
         want = sum(logp[len(ctx) - 1 + j, t].item() for j, t in enumerate(cont))
         assert lp == pytest.approx(want, abs=1e-4)
-
-
-@needs_op
-def test_frozen_linear_training_gives_the_same_loss_and_lora_gradients(model32):
-    from peft import LoraConfig, get_peft_model
-
-    def loss_and_grads(swap: bool):
-        torch.manual_seed(3)
-        peft = get_peft_model(copy.deepcopy(model32), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
-                                                                  init_lora_weights="gaussian"))
-        ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(4))
-        with kernels.onednn_frozen_linear(peft) if swap else contextlib.nullcontext() as n:
-            loss = peft(input_ids=ids, labels=ids).loss
-            loss.backward()
-        grads = {k: p.grad.clone() for k, p in peft.named_parameters() if p.requires_grad}
-        return n, loss.item(), grads, peft
-
-    _, ref_loss, ref_grads, _ = loss_and_grads(False)
-    n, loss, grads, peft = loss_and_grads(True)
-    assert n == 2 * 7 + 1  # every frozen base layer and the (untied, frozen) lm_head
-    assert loss == pytest.approx(ref_loss, rel=1e-5)
-    assert grads.keys() == ref_grads.keys() and len(grads) == 2 * 2 * 7  # lora_A, lora_B per layer
-    for k in grads:
-        torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-4, atol=1e-6)
-    assert not any("forward" in m.__dict__ for m in peft.modules())

@@ -32,7 +32,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from quantstudy import kernels, models, train_data
+from quantstudy import models, train_data
 from quantstudy.config import TrainConfig, TrainMethod, TrainSource
 from quantstudy.context import RunContext
 from quantstudy.errors import QuantStudyError
@@ -146,8 +146,7 @@ def run_sft(model: Any, tok: Any, samples: list[Conversation], cfg: TrainConfig,
         if bars:
             datasets.enable_progress_bars()
     trainer.remove_callback(PrinterCallback)  # it prints every log dict; RichProgress shows them
-    # float32 LoRA on CPU: the frozen base layers run on oneDNN (kernels.py); bf16 and full FT as they were
-    with head_on_labelled_positions(), kernels.onednn_frozen_linear(trainer.model):
+    with head_on_labelled_positions():
         trainer.train(resume_from_checkpoint=resume)
     return trainer
 
