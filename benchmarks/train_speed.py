@@ -110,6 +110,8 @@ def main() -> None:
     ap.add_argument("--heldout", type=int, default=100)
     ap.add_argument("--recipes", default="baseline,defaults")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="training seed (data order, LoRA init); the 200 rows and held-out rows stay the same")
     ap.add_argument("--reuse", default="", help="recipes whose result of an earlier run (same samples) is reused")
     ap.add_argument("--one", choices=sorted(RECIPES), help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -118,7 +120,7 @@ def main() -> None:
 
         a.model = materialize_builtin("smollm2-135m-instruct", Path("/tmp/qs-model-cache"))
     console = Console(width=150)
-    cfg = TrainConfig(samples=a.samples)
+    cfg = TrainConfig(samples=a.samples)  # seed 0 picks the rows; --seed only changes the training run
     pool = train_data.load_pool(cfg, a.data_dir, REPO)
     samples, _ = train_data.select_samples(pool, a.samples, cfg.seed, set())
     used = {c.id for c in samples}
@@ -126,18 +128,19 @@ def main() -> None:
     console.print(f"SmolLM2-135M LoRA r{cfg.lora.r}, {len(samples)} OpenMathInstruct-2 samples, batch "
                   f"{cfg.batch_size}, max length {cfg.max_seq_len}, torch threads {torch.get_num_threads()}, "
                   f"load average {os.getloadavg()[0]:.2f}")
+    cfg = TrainConfig.model_validate({**cfg.model_dump(), "seed": a.seed})
     if a.one:  # child process: one recipe, result as JSON
         a.json.write_text(json.dumps(run(a.one, a.model, samples, heldout, cfg, console)))
         return
     results = []
     for r in a.recipes.split(","):
         # A fresh process per recipe: peak RSS and allocator state are not inherited from the previous one.
-        out = Path(f"/tmp/qs-train-speed-{r}.json")
+        out = Path(f"/tmp/qs-train-speed-{r}.json" if a.seed == 0 else f"/tmp/qs-train-speed-{r}-seed{a.seed}.json")
         if r in a.reuse.split(",") and out.is_file():
             results.append(json.loads(out.read_text()))
             continue
         subprocess.run([sys.executable, __file__, "--one", r, "--json", str(out), "--model", str(a.model),
-                        "--data-dir", str(a.data_dir), "--samples", str(a.samples), "--heldout", str(a.heldout)],
+                        "--data-dir", str(a.data_dir), "--samples", str(a.samples), "--heldout", str(a.heldout), "--seed", str(a.seed)],
                        check=True)
         results.append(json.loads(out.read_text()))
     base, tok = load_pretrained(a.model)
