@@ -32,8 +32,10 @@ from quantstudy.generation import generate_tokens
 from quantstudy.scoring import GenRequest, GenResult, LLRequest, LLResult, RollingResult
 
 PACK_WIDTH = 512  # widest row for short pieces; a longer sequence whose context nothing shares runs alone
-# logits per vocabulary projection call: 2**26 floats = 256 MB (1365 positions at SmolLM2's 49k vocab).
-# The [positions, vocab] GEMM + log_softmax runs ~25% faster at 1024+ rows than at 512 on this CPU.
+# logits per vocabulary projection call: 2**26 floats = 256 MB whatever the vocabulary (1365 positions
+# at SmolLM2's 49k, 442 at Qwen3's 152k). Alone, the [positions, vocab] GEMM + log_softmax ran ~25%
+# faster at 1024 rows than at 512 here; inside a whole HellaSwag-200 scoring pass 128-1365 rows
+# took 25-33 s (run-to-run noise), so the budget bounds memory more than it buys speed.
 HEAD_FLOATS = 1 << 26
 
 
@@ -246,9 +248,9 @@ class FastScorer(LMEvalTokens):
             logits = head(hidden[s:s + chunk])  # [chunk, vocab]
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # at least float32 softmax
             k = ((uses >= s) & (uses < s + chunk)).nonzero()[:, 0]  # the uses of these positions
-            u, t = uses[k] - s, targets[k]
-            lp[k.cpu()] = torch.log_softmax(logits, dim=-1)[u, t].double().cpu()
-            greedy[k.cpu()] = (logits.argmax(-1)[u] == t).cpu()
+            u, t, out = uses[k] - s, targets[k], k.cpu()
+            lp[out] = torch.log_softmax(logits, dim=-1)[u, t].double().cpu()
+            greedy[out] = (logits.argmax(-1)[u] == t).cpu()
         return lp, greedy
 
     @torch.inference_mode()
