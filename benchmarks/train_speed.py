@@ -6,9 +6,10 @@ batch 8, max length 384, lr 2e-4 cosine, on the SAME OpenMathInstruct-2 samples 
 
   baseline  float32, gradient checkpointing (TRL's default), random batches, LoRA dropout 0.05,
             TRL's CPU LM head (vocabulary projection at every position, prompt and padding too)
-  defaults  TrainConfig defaults: bf16 matmuls (frozen base in bf16, adapter float32, merged
-            into float32 weights), no gradient checkpointing, random batches, dropout 0,
-            vocabulary projection only where a token carries loss (train.head_on_labelled_positions)
+  defaults  TrainConfig defaults: float32, no gradient checkpointing, dropout 0, the loss head
+            only where a token carries loss, computed densely (train_head.py), and one row per
+            forward pass (`rows_per_forward: 1`: the same random batches of 8, gradients
+            accumulated over their rows, no padding)
 
 Wall time covers the whole `train.fit` call (model load, tokenizing, training, merge). A
 logged training loss is one batch's loss, and length grouping changes which rows share the
@@ -66,15 +67,19 @@ def heldout_nll(model, tok, samples) -> tuple[list[float], list[int]]:
 # name -> (TrainConfig changes, SFTConfig overrides, vocabulary projection on labelled positions
 # only). Only "baseline" and "defaults" run by default; the others split the gain into its parts
 # (--recipes baseline,fp32-nogc,...).
-FP32_RANDOM = {"bf16_autocast": False, "group_by_length": False, "lora": {"r": 16, "alpha": 32, "dropout": 0.05}}
+FP32_RANDOM = {"bf16_autocast": False, "group_by_length": False, "rows_per_forward": 8,
+               "lora": {"r": 16, "alpha": 32, "dropout": 0.05}}
+ONE_PASS = {"rows_per_forward": 8}
 RECIPES = {
     "baseline": (FP32_RANDOM, {"gradient_checkpointing": True}, False),
     "fp32-nogc": (FP32_RANDOM, {}, False),
     "fp32-nogc-grouped": ({**FP32_RANDOM, "group_by_length": True}, {}, False),
-    "defaults-allpos": ({}, {}, False),
-    "defaults-grouped": ({"group_by_length": True}, {}, True),
-    "defaults-fp32": ({"bf16_autocast": False}, {}, True),
-    "defaults-grouped-dropout": ({"group_by_length": True, "lora": FP32_RANDOM["lora"]}, {}, True),
+    "fp32-onepass": (ONE_PASS, {}, True),  # the defaults with one padded forward per batch
+    "bf16-onepass": ({**ONE_PASS, "bf16_autocast": True}, {}, True),  # the previous defaults
+    "bf16-onepass-allpos": ({**ONE_PASS, "bf16_autocast": True}, {}, False),
+    "bf16-grouped": ({**ONE_PASS, "bf16_autocast": True, "group_by_length": True}, {}, True),
+    "bf16": ({"bf16_autocast": True}, {}, True),  # the defaults in bf16
+    "defaults-2rows": ({"rows_per_forward": 2}, {}, True),
     "defaults": ({}, {}, True),
 }
 
@@ -99,7 +104,8 @@ def run(recipe: str, model_dir: Path, samples, heldout, cfg: TrainConfig, consol
             "heldout_nll": sum(nll) / sum(count), "heldout_rows": nll, "heldout_tokens": count,
             "peak_rss_gb": mem.bytes / 1e9,
             "bf16": bool(args.bf16), "gradient_checkpointing": bool(args.gradient_checkpointing),
-            "sampler": args.train_sampling_strategy, "lora_dropout": cfg.lora.dropout, "curve": curve}
+            "sampler": args.train_sampling_strategy, "rows_per_forward": cfg.forward_rows("cpu"),
+            "lora_dropout": cfg.lora.dropout, "curve": curve}
 
 
 def main() -> None:

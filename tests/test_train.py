@@ -11,7 +11,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from quantstudy import train, train_data
+from quantstudy import train, train_data, train_head
 from quantstudy.config import TrainConfig, parse_config
 from quantstudy.context import RunContext
 from quantstudy.errors import QuantStudyError
@@ -134,7 +134,7 @@ def test_lora_trained_on_bf16_base_merges_into_float32_weights(tok, tmp_path):
     tiny_model(tok, seed=3).save_pretrained(tmp_path / "base")
     tok.save_pretrained(tmp_path / "base")
     cfg = TrainConfig(samples=4, batch_size=2, max_steps=2, learning_rate=1e-2, max_seq_len=64,
-                      lora={"r": 4, "alpha": 8})
+                      lora={"r": 4, "alpha": 8}, bf16_autocast=True)
     samples = [conv(i, q, a) for i, (q, a) in enumerate(PAIRS[:4])]
     trainer, merged, _ = train.fit(tmp_path / "base", samples, cfg, "cpu", quiet(), tmp_path / "w")
     assert trainer.args.bf16 == train.bf16_supported("cpu")
@@ -230,6 +230,51 @@ def test_completion_only_masking_hand_made(tok, tmp_path):
         assert loss == pytest.approx(ref, rel=2e-3)
 
 
+def test_one_row_per_forward_same_update_as_one_padded_forward(tok, tmp_path):
+    """Rows run one per forward pass (gradients accumulated) must give the update of one padded
+    forward over the same rows: the loss is divided by the whole batch's reply tokens, not averaged
+    per forward. Replies of very different lengths make a per-forward mean visibly wrong; plain SGD
+    without clipping makes the update the gradient itself."""
+    long = " ".join(["and then it adds one more."] * 3)
+    samples = [conv(0, "What is 1 plus 2?", "3."), conv(1, "What is 3 plus 4?", "7."),
+               conv(2, "What is 5 plus 6?", f"11, {long}"), conv(3, "What is 7 plus 8?", f"15, {long}")]
+    init = {n: p.detach().clone() for n, p in tiny_model(tok, seed=5).named_parameters()}
+    before = completion_nll(tiny_model(tok, seed=5), tok, samples)  # float64, by hand
+    deltas, losses = {}, {}
+    for rows in (4, 1):
+        cfg = TrainConfig(samples=4, method="full", batch_size=4, max_steps=1, learning_rate=1.0, max_seq_len=128,
+                          lr_scheduler="constant", rows_per_forward=rows)
+        args = train.sft_args(cfg, tmp_path / f"o{rows}", "cpu", optim="sgd", warmup_steps=0, max_grad_norm=0.0)
+        assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (rows, 4 // rows)
+        trainer = train.run_sft(tiny_model(tok, seed=5), tok, samples, cfg, args, quiet())
+        losses[rows] = train.loss_curve(trainer)[0][1]
+        deltas[rows] = {n: p.detach() - init[n] for n, p in trainer.model.named_parameters()}
+    assert losses[4] == pytest.approx(before, rel=1e-4)
+    assert losses[1] == pytest.approx(before, rel=1e-4)
+    assert max(d.abs().max().item() for d in deltas[4].values()) > 1e-3  # the step did move the weights
+    for n in deltas[4]:
+        torch.testing.assert_close(deltas[1][n], deltas[4][n], rtol=1e-4, atol=1e-6)
+
+
+def test_rows_per_forward_same_batches_and_clear_error(tok, tmp_path):
+    """The random sampler's order does not depend on the batch size: one row per forward sees the
+    same rows in each optimizer step as one forward of 4."""
+    with pytest.raises(ValueError, match="rows_per_forward 3 does not divide batch_size x grad_accum = 8"):
+        TrainConfig(batch_size=8, rows_per_forward=3)
+    assert TrainConfig().forward_rows("cpu") == 1 and TrainConfig(batch_size=6).forward_rows("cuda") == 6
+    samples = [conv(i, q, a) for i, (q, a) in enumerate(PAIRS[:8])]
+    steps = {}
+    for rows in (4, 1):
+        cfg = TrainConfig(samples=8, batch_size=4, max_steps=2, max_seq_len=64, rows_per_forward=rows)
+        trainer = train.run_sft(tiny_model(tok), tok, samples, cfg, train.sft_args(cfg, tmp_path / f"b{rows}", "cpu"),
+                                quiet())
+        loader = trainer.get_train_dataloader()
+        ids = [tuple(map(tuple, b["input_ids"].tolist())) for b in loader]
+        flat = [row for b in ids for row in b]
+        steps[rows] = [sorted(tuple(t for t in r if t != tok.pad_token_id) for r in flat[i:i + 4]) for i in (0, 4)]
+    assert steps[1] == steps[4]
+
+
 def test_head_on_labelled_positions_same_loss_and_gradients(tok, tmp_path, monkeypatch):
     """TRL's CPU path projects every position; the compact one only labelled positions (prompt and
     padding skipped) and must give the same loss and gradients."""
@@ -244,9 +289,11 @@ def test_head_on_labelled_positions_same_loss_and_gradients(tok, tmp_path, monke
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
     labelled = int((batch["labels"][:, 1:] != -100).sum())
     assert labelled < batch["labels"][:, 1:].numel()  # the batch has prompt and padding positions
-    rows: list[int] = []
-    apply = kernel.ChunkedLogProbFunction.apply
-    monkeypatch.setattr(kernel.ChunkedLogProbFunction, "apply", lambda h, *a: rows.append(h.shape[0]) or apply(h, *a))
+    rows: list[tuple[str, int]] = []
+    apply, dense = kernel.ChunkedLogProbFunction.apply, train_head.dense_logprobs
+    monkeypatch.setattr(kernel.ChunkedLogProbFunction, "apply",
+                        lambda h, *a: rows.append(("trl", h.shape[0])) or apply(h, *a))
+    monkeypatch.setattr(train_head, "dense_logprobs", lambda h, *a: rows.append(("dense", h.shape[0])) or dense(h, *a))
 
     def loss_and_grads() -> tuple[float, list[torch.Tensor]]:
         trainer.model.zero_grad()
@@ -257,7 +304,7 @@ def test_head_on_labelled_positions_same_loss_and_gradients(tok, tmp_path, monke
     full_loss, full_grads = loss_and_grads()
     with train.head_on_labelled_positions():
         compact_loss, compact_grads = loss_and_grads()
-    assert rows == [batch["labels"][:, 1:].numel(), labelled]
+    assert rows == [("trl", batch["labels"][:, 1:].numel()), ("dense", labelled)]
     assert compact_loss == pytest.approx(full_loss, rel=1e-6)
     assert len(compact_grads) == len(full_grads) > 0
     for a, b in zip(compact_grads, full_grads):

@@ -5,13 +5,13 @@ train_data.py), merges LoRA into float32 weights, saves safetensors + tokenizer 
 temporary folder and renames it to `out_dir`, records the loss curve and the training
 metrics in the store, and returns the trained model's record.
 
-CPU speed (issue 8, benchmarks/train_speed.py): the defaults differ from TRL's where that
-changes speed: bf16 matmuls (LoRA's frozen base held in bf16; trained weights and optimizer
-state stay float32), no gradient checkpointing (it recomputes every forward to save memory a
-0.1-1B model on CPU does not need), LoRA dropout 0 (its random masks cost a quarter of a CPU
-step) and the vocabulary projection only where a token carries loss. On SmolLM2, 200 rows:
-14.5 min -> 5.2 min; held-out loss +0.003 nats/token (0.3%, from bf16). Length-grouped batches
-(`group_by_length`, off by default) save another 0.7 min but cost as much loss again.
+CPU speed (issue 8, benchmarks/train_speed.py): the defaults differ from TRL's only where that
+changes speed and not, measurably, the loss: no gradient checkpointing (it recomputes every forward to save
+memory a 0.1-1B model on CPU does not need), LoRA dropout 0 (its random masks cost a quarter of
+a CPU step), one row per forward pass on CPU (`rows_per_forward`: the same random batches, their
+gradients accumulated, no padding) and the loss head only where a token carries loss, computed
+densely (train_head.py). Float32 by default: bf16 autocast (`bf16_autocast: true`) is faster
+but trained SmolLM2 to a held-out loss 0.003 nats/token above float32 at each of 3 seeds.
 """
 
 from __future__ import annotations
@@ -21,8 +21,6 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +31,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from quantstudy import models, train_data
+from quantstudy.train_head import head_on_labelled_positions
 from quantstudy.config import TrainConfig, TrainMethod, TrainSource
 from quantstudy.context import RunContext
 from quantstudy.errors import QuantStudyError
@@ -78,13 +77,18 @@ def sft_args(cfg: TrainConfig, out: Path, device: str, **overrides: Any) -> Any:
     """TRL SFTConfig for `cfg`; `overrides` replace any field (the benchmark's baseline recipe uses them)."""
     from trl import SFTConfig
 
+    # The random sampler's permutation does not depend on the batch size, so rows_per_forward r
+    # with batch_size x grad_accum / r accumulation steps puts the same rows in each optimizer step.
+    r = cfg.forward_rows(device)
+    per_device, accum = r, cfg.batch_size * cfg.grad_accum // r
+    sampling = "group_by_length" if cfg.group_by_length else "random"
     kw: dict[str, Any] = dict(
-        output_dir=str(out), per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+        output_dir=str(out), per_device_train_batch_size=per_device, gradient_accumulation_steps=accum,
         num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1, learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_ratio,  # < 1 = share of the steps
         seed=cfg.seed, data_seed=cfg.seed, max_length=cfg.max_seq_len, completion_only_loss=cfg.completion_only_loss,
         bf16=cfg.bf16_autocast and bf16_supported(device), fp16=False, gradient_checkpointing=False,
-        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        train_sampling_strategy=sampling,
         logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=device == "cpu",
         dataloader_num_workers=0, include_num_input_tokens_seen="non_padding")
     kw.update(overrides)
@@ -96,30 +100,6 @@ def lora_config(cfg: TrainConfig) -> Any:
 
     return LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
-
-
-@contextmanager
-def head_on_labelled_positions() -> Iterator[None]:
-    """Make TRL's fused LM head skip positions without a label on CPU too.
-
-    TRL 1.x (`add_fused_lm_head`) projects only the positions whose next token carries a loss on
-    Triton devices, but every position elsewhere, so that graph compilers see fixed tile shapes.
-    On CPU in eager mode that runs the 49k-wide vocabulary projection, its softmax statistics and
-    their backward on prompt and padding tokens, which completion-only loss then multiplies by
-    zero. Skipping them changes no loss and no gradient (tests/test_train.py checks it). TRL has no
-    option for this; the switch is its module-level `_use_triton` lookup, restored on exit (an
-    older/newer TRL without it is left as it is)."""
-    import trl.trainer.utils as trl_utils
-
-    original = getattr(trl_utils, "_use_triton", None)
-    if original is None:
-        yield
-        return
-    trl_utils._use_triton = lambda device: device.type == "cpu" or original(device)
-    try:
-        yield
-    finally:
-        trl_utils._use_triton = original
 
 
 def run_sft(model: Any, tok: Any, samples: list[Conversation], cfg: TrainConfig, args: Any,
@@ -266,6 +246,7 @@ def train_model(ctx: RunContext, base: ModelRecord, out_dir: Path, name: str = "
     curve = loss_curve(trainer)
     tokens = int(trainer.state.num_input_tokens_seen)
     how = {"device": ctx.device, "bf16_autocast": bool(args.bf16), "steps": trainer.state.global_step,
+           "rows_per_forward": args.per_device_train_batch_size,
            "resumed_from": Path(resume).name if resume else None}  # seconds cover this process's part only
     ctx.store.put_series(name, "loss", curve)
     ctx.store.put_metric(name, "train.seconds", seconds, how)
