@@ -197,10 +197,10 @@ def _train_cfg(ctx: RunContext) -> TrainConfig:
     return ctx.cfg.train
 
 
-def describe(cfg: TrainConfig, n: int) -> str:
+def describe(cfg: TrainConfig, n: int, bf16: bool = False) -> str:
     how = f"LoRA r{cfg.lora.r}" if cfg.method == TrainMethod.lora else "full"
     span = f"{cfg.max_steps} steps" if cfg.max_steps else f"{cfg.epochs:g} epoch(s)"
-    return f"SFT ({how}), {n} {cfg.source.value} samples, {span}"
+    return f"SFT ({how}, {'bf16 autocast' if bf16 else 'float32'}), {n} {cfg.source.value} samples, {span}"
 
 
 def save_model(model: Any, tok: Any, out_dir: Path, dtype: str) -> None:
@@ -255,7 +255,7 @@ def train_model(ctx: RunContext, base: ModelRecord, out_dir: Path, name: str = "
     ctx.store.put_metric(name, "train.tokens", tokens, {"counted": "non-padding input tokens"})
     spec = {"train": cfg.model_dump(mode="json"), "samples": len(samples), "samples_hash": ids_hash,
             "held_out": held_out, "bf16_autocast": bool(args.bf16), "steps": trainer.state.global_step,
-            "describe": describe(cfg, len(samples))}
+            "describe": describe(cfg, len(samples), bool(args.bf16))}
     versions = {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
                 "peft": peft.__version__}
     return ModelRecord(name=name, role="trained", path=str(out_dir), parent=base.name, spec=spec,
