@@ -76,3 +76,30 @@ def test_second_process_is_refused_while_locked(study):
                            capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert "is in use by pid" in r.stdout and "Traceback" not in r.stdout + r.stderr
+
+
+def test_remade_model_keeps_its_making_records_and_drops_old_results(study):
+    """A re-made model (new weights) loses what was computed on the old weights, but not what the
+    stage that re-made it recorded: loss curve, training and quantization metrics, per-layer errors
+    and calibration samples. (The study writes those first, then notices the new weights hash.)"""
+    from quantstudy.store import ItemRecord
+
+    with Store(study.parent / "out" / "remade.sqlite") as s:
+        s.put_series("trained", "loss", [(1, 1.0), (2, 0.9), (3, 0.8)])
+        s.put_series("trained", "loss", [(1, 0.7), (2, 0.6)])  # a series is written whole
+        s.put_metric("trained", "train.seconds", 12.0)
+        s.put_metric("q", "quantize.seconds", 3.0)
+        s.put_layers("q", [("l0", 1.0, 0.1), ("l1", 2.0, 0.1)])
+        s.put_layers("q", [("l0", 0.5, 0.1)])
+        s.put_calibration("q", [("s0", "h0")])
+        for m in ("trained", "q"):
+            s.put_metric(m, "speed.latency_s", 0.5)
+            s.put_series(m, "fidelity.kl", [(0, 0.1)])
+            s.put_items(m, [ItemRecord("arc_easy", "1", "h", "p", "A", "A", True)])
+            s.forget_results(m)
+        assert s.series("trained", "loss") == [(1, 0.7), (2, 0.6)]
+        assert s.layers("q") == [("l0", 0.5, 0.1)] and s.calibration("q") == [("s0", "h0")]
+        kept = {(m, n) for m, n, _, _ in s.metrics()}
+        assert kept == {("trained", "train.seconds"), ("q", "quantize.seconds")}
+        assert all(not s.series(m, "fidelity.kl") for m in ("trained", "q"))
+        assert not s.db.execute("SELECT count(*) FROM items").fetchone()[0]

@@ -193,7 +193,9 @@ class Store:
 
     # ---------------------------------------------------------------- per-layer, calibration, series
     def put_layers(self, model: str, rows: Iterable[tuple[str, float | None, float | None]]) -> None:
+        """A quantization's per-layer records, whole: replaces the model's previous ones."""
         with self.tx():
+            self.db.execute("DELETE FROM layers WHERE model=?", (model,))
             self.db.executemany("INSERT OR REPLACE INTO layers VALUES(?,?,?,?)", [(model, *r) for r in rows])
 
     def layers(self, model: str) -> list[tuple[str, float | None, float | None]]:
@@ -210,7 +212,9 @@ class Store:
                                     (model,)))
 
     def put_series(self, model: str, name: str, points: Iterable[tuple[float, float]]) -> None:
+        """A whole series (e.g. a loss curve): replaces the model's previous series of that name."""
         with self.tx():
+            self.db.execute("DELETE FROM series WHERE model=? AND name=?", (model, name))
             self.db.executemany("INSERT OR REPLACE INTO series VALUES(?,?,?,?)",
                                 [(model, name, s, v) for s, v in points])
 
@@ -220,10 +224,14 @@ class Store:
 
 
     def forget_results(self, model: str) -> None:
-        """Drop everything computed on a model's old weights (it was re-made)."""
+        """Drop everything computed on a model's old weights (it was re-made), but not what the
+        stage that just re-made it recorded about the making: training metrics and loss curve,
+        quantization metrics, per-layer errors and calibration samples (each written whole)."""
         with self.tx():
-            for table in ("metrics", "items", "layers", "calibration", "series"):
-                self.db.execute(f"DELETE FROM {table} WHERE model=?", (model,))
+            self.db.execute("DELETE FROM items WHERE model=?", (model,))
+            self.db.execute("DELETE FROM metrics WHERE model=? AND name NOT LIKE 'train.%' "
+                            "AND name NOT LIKE 'quantize.%'", (model,))
+            self.db.execute("DELETE FROM series WHERE model=? AND name != 'loss'", (model,))
             self.db.execute("DELETE FROM stages WHERE model=? AND stage NOT IN ('resolve','train','quantize')",
                             (model,))
 
