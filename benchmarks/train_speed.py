@@ -67,9 +67,9 @@ def heldout_nll(model, tok, samples) -> tuple[list[float], list[int]]:
 # name -> (TrainConfig changes, SFTConfig overrides, vocabulary projection on labelled positions
 # only). Only "baseline" and "defaults" run by default; the others split the gain into its parts
 # (--recipes baseline,fp32-nogc,...).
-FP32_RANDOM = {"bf16_autocast": False, "group_by_length": False, "rows_per_forward": 8,
+ONE_PASS = {"rows_per_forward": 8}  # the whole batch of 8 in one padded forward, as TRL does
+FP32_RANDOM = {**ONE_PASS, "bf16_autocast": False, "group_by_length": False,
                "lora": {"r": 16, "alpha": 32, "dropout": 0.05}}
-ONE_PASS = {"rows_per_forward": 8}
 RECIPES = {
     "baseline": (FP32_RANDOM, {"gradient_checkpointing": True}, False),
     "fp32-nogc": (FP32_RANDOM, {}, False),
@@ -146,7 +146,8 @@ def main() -> None:
             results.append(json.loads(out.read_text()))
             continue
         subprocess.run([sys.executable, __file__, "--one", r, "--json", str(out), "--model", str(a.model),
-                        "--data-dir", str(a.data_dir), "--samples", str(a.samples), "--heldout", str(a.heldout), "--seed", str(a.seed)],
+                        "--data-dir", str(a.data_dir), "--samples", str(a.samples), "--heldout", str(a.heldout),
+                        "--seed", str(a.seed)],
                        check=True)
         results.append(json.loads(out.read_text()))
     base, tok = load_pretrained(a.model)

@@ -231,6 +231,7 @@ class TrainConfig(Strict):
             return self.rows_per_forward
         return 1 if device == "cpu" else self.batch_size
 
+
 class TaskSpec(Strict):
     name: TaskName
     limit: int | None = Field(None, ge=1)

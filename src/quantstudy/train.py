@@ -6,12 +6,13 @@ temporary folder and renames it to `out_dir`, records the loss curve and the tra
 metrics in the store, and returns the trained model's record.
 
 CPU speed (issue 8, benchmarks/train_speed.py): the defaults differ from TRL's only where that
-changes speed and not, measurably, the loss: no gradient checkpointing (it recomputes every forward to save
-memory a 0.1-1B model on CPU does not need), LoRA dropout 0 (its random masks cost a quarter of
-a CPU step), one row per forward pass on CPU (`rows_per_forward`: the same random batches, their
-gradients accumulated, no padding) and the loss head only where a token carries loss, computed
-densely (train_head.py). Float32 by default: bf16 autocast (`bf16_autocast: true`) is faster
-but trained SmolLM2 to a held-out loss 0.003 nats/token above float32 at each of 3 seeds.
+changes speed and not, measurably, the loss: no gradient checkpointing (it recomputes every
+forward to save memory a 0.1-1B model on CPU does not need), LoRA dropout 0 (its random masks
+cost a quarter of a CPU step), one row per forward pass on CPU (`rows_per_forward`: the same
+random batches, their gradients accumulated, no padding) and the loss head only where a token
+carries loss, computed densely (train_head.py). Float32 by default: bf16 autocast
+(`bf16_autocast: true`) is faster but trained SmolLM2 to a held-out loss 0.003 nats/token above
+float32 at each of 3 seeds.
 """
 
 from __future__ import annotations
@@ -31,13 +32,13 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from quantstudy import models, train_data
-from quantstudy.train_head import head_on_labelled_positions
 from quantstudy.config import TrainConfig, TrainMethod, TrainSource
 from quantstudy.context import RunContext
 from quantstudy.errors import QuantStudyError
 from quantstudy.resources import track_peak_memory
-from quantstudy.store import ModelRecord
 from quantstudy.sources import Conversation
+from quantstudy.store import ModelRecord
+from quantstudy.train_head import head_on_labelled_positions
 
 
 class RichProgress(TrainerCallback):

@@ -33,6 +33,8 @@ def dense_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     hidden [N, H], weight [V, H], targets [N] -> (log_probs [N], entropy [N] | None, None, None,
     is_top1 [N] | None). Logits follow TRL's transform: scale, then softcap, then temperature."""
     del chunk_size  # one dense [N, V] block
+    if {"log_sum_sq_probs", "mean_logits"} & set(outputs):
+        raise NotImplementedError("dense_logprobs computes log_probs, entropy and is_top1 only")
     z = torch.nn.functional.linear(hidden, weight, bias).float()  # [N, V]; autocast may run it in bf16
     if logit_scale != 1.0:  # each of these is a pass over [N, V]: skipped when it changes nothing
         z = z * logit_scale
@@ -49,8 +51,6 @@ def dense_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     if "is_top1" in outputs:  # argmax takes the first maximum, as TRL's kernel does
         with torch.no_grad():
             is_top1 = z.argmax(-1) == targets
-    if {"log_sum_sq_probs", "mean_logits"} & set(outputs):
-        raise NotImplementedError("dense_logprobs computes log_probs, entropy and is_top1 only")
     return log_probs, entropy, None, None, is_top1
 
 
