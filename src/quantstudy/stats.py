@@ -169,3 +169,87 @@ def bootstrap_ci(x: np.ndarray, weights: np.ndarray | None = None) -> tuple[floa
     """Percentile bootstrap interval of sum(x) / sum(w) for one model (the paired one against zeros)."""
     r = paired_bootstrap(np.zeros(len(x)), x, weights)
     return (r.diff_lo, r.diff_hi)
+
+
+# ----------------------------------------------------------------------------- non-inferiority
+# No library we depend on (scipy, statsmodels) has a confidence interval or a sample size for the
+# difference of two *paired* proportions, so Tango's score interval and the matching sample-size
+# formula are written out here; tests check the restricted MLE against a numerical maximisation of
+# the multinomial likelihood, the coverage and the power by simulation.
+#
+# Notation: n items scored by a parent and a variant; b = right->wrong, c = wrong->right.
+# loss = p_b - p_c (the parent's accuracy minus the variant's, as a fraction).
+
+
+def _tango_p_c(b: np.ndarray | float, c: np.ndarray | float, n: np.ndarray | float, delta: float) -> np.ndarray:
+    """Restricted MLE of p_c (wrong->right) under loss = delta (Tango 1998, eq. 4): a quadratic's root."""
+    a2 = 2 * n
+    bb = -b - c + (2 * n - b + c) * delta
+    cc = -c * delta * (1 - delta)
+    return (np.sqrt(np.maximum(bb * bb - 4 * a2 * cc, 0.0)) - bb) / (2 * a2)
+
+
+def tango_z(b: np.ndarray | float, c: np.ndarray | float, n: np.ndarray | float, delta: float) -> np.ndarray:
+    """Tango's score statistic for H0: loss = delta; very negative when the data show loss < delta.
+
+    Z = (b - c - n delta) / sqrt(n (2 p_c~ + delta (1 - delta))), p_c~ the restricted MLE: the variance
+    of b - c under H0, n (p_b + p_c - delta^2), with p_b = p_c + delta."""
+    b, c, n = (np.asarray(x, np.float64) for x in (b, c, n))
+    var = n * (2 * _tango_p_c(b, c, n, delta) + delta * (1 - delta))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = (b - c - n * delta) / np.sqrt(var)
+    return np.where(var > 0, z, np.where(b - c - n * delta < 0, -np.inf, 0.0))
+
+
+def tango_upper(b: int, c: int, n: int, alpha: float = ALPHA) -> float:
+    """One-sided (1 - alpha) upper confidence bound of the paired loss p_b - p_c: the largest delta that
+    Tango's score test does not reject, i.e. the root of Z(delta) = -z_{1-alpha} above the observed loss.
+
+    Unlike a bootstrap, it stays informative when the two models never disagree (b = c = 0: the bound is
+    z^2 / (n + z^2), e.g. 4.3 points at n = 60, alpha 0.05), so identical answers on few items never pass
+    for proof of equivalence."""
+    from scipy.optimize import brentq
+
+    if n <= 0:
+        return math.nan
+    z = float(norm.ppf(1 - alpha))
+    observed = (b - c) / n
+
+    def f(d: float) -> float:
+        return float(tango_z(b, c, n, d)) + z
+
+    hi = 1.0 - 1e-12
+    if f(hi) > 0:
+        return 1.0
+    return float(brentq(f, observed, hi, xtol=1e-10))
+
+
+def n_noninferiority_binary(discordance: float, margin: float, alpha: float = ALPHA, power: float = POWER,
+                            true_loss: float = 0.0) -> int | None:
+    """Items needed for Tango's one-sided score test to show loss < margin with `power` (Nam 1997's method
+    for paired proportions, the non-inferiority form of Connor 1987):
+
+        n = (z_{1-a} sigma0 + z_{power} sigma1)^2 / (margin - true_loss)^2
+        sigma1^2 = psi - true_loss^2                         (variance per item of the true design)
+        sigma0^2 = 2 p_c~ + margin (1 - margin)              (variance under H0: loss = margin, p_c~ the
+                                                              restricted MLE at the expected counts)
+    psi = discordance (share of items the two models answer differently). None when true_loss >= margin
+    (no n shows it) or the inputs are impossible (|true_loss| > psi)."""
+    if true_loss >= margin or abs(true_loss) > discordance + 1e-12 or not 0 <= discordance <= 1:
+        return None
+    p_b, p_c = (discordance + true_loss) / 2, (discordance - true_loss) / 2
+    p_c0 = float(_tango_p_c(p_b, p_c, 1.0, margin))  # the restricted MLE is scale-free: counts / n
+    sigma0 = math.sqrt(2 * p_c0 + margin * (1 - margin))
+    sigma1 = math.sqrt(max(discordance - true_loss**2, 0.0))
+    n = (norm.ppf(1 - alpha) * sigma0 + norm.ppf(power) * sigma1) ** 2 / (margin - true_loss) ** 2
+    return max(1, math.ceil(n - 1e-9))
+
+
+def n_noninferiority_mean(sd_diff: float, margin: float, alpha: float = ALPHA, power: float = POWER,
+                          true_loss: float = 0.0) -> int | None:
+    """Items needed for a one-sided paired z-test of a continuous per-item loss (SD sd_diff) to show
+    loss < margin: n = (z_{1-a} + z_{power})^2 sd^2 / (margin - true_loss)^2. None when true_loss >= margin."""
+    if true_loss >= margin:
+        return None
+    n = (norm.ppf(1 - alpha) + norm.ppf(power)) ** 2 * sd_diff**2 / (margin - true_loss) ** 2
+    return max(1, math.ceil(n - 1e-9))
