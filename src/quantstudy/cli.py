@@ -1,14 +1,15 @@
 """Command line: `quantstudy run | plan | quantize | evaluate | report`.
 
 Every user-fixable problem is a QuantStudyError, printed as one red line with exit code 2;
-a traceback only with --debug. Commands that write take the study lock first.
+a traceback only with --debug. Commands that write take the study lock first. The libraries'
+output goes to <study>/logs/<stage>-<model>.log (live on the console too with --verbose).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
+import time
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -24,7 +25,9 @@ console = Console(stderr=False)
 FORMATS = {"md", "html", "json"}
 
 DataDir = typer.Option(None, "--data-dir", help="offline raw data (layout of ../shared/data); overrides data_dir")
-Debug = typer.Option(False, "--debug", help="show full tracebacks")
+Debug = typer.Option(False, "--debug", help="show full tracebacks (nothing else changes)")
+Verbose = typer.Option(False, "--verbose", "-v", help="show the libraries' output live (it always goes to "
+                       "<study>/logs/<stage>-<model>.log)")
 
 
 @contextlib.contextmanager
@@ -50,27 +53,17 @@ def friendly_errors(debug: bool) -> Iterator[None]:
         raise typer.Exit(2) from None
 
 
-def quiet_library_logs(debug: bool) -> None:
-    """llm-compressor logs every step at INFO through loguru; keep warnings (all with --debug).
-    The sink looks up sys.stderr at each write, so a swapped stream (tests, pipes) stays valid."""
-    from loguru import logger
-
-    # llm-compressor re-installs its own console sink when it is used; it reads this variable
-    os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "DEBUG" if debug else "WARNING")
-    logger.remove()
-    logger.add(lambda m: sys.stderr.write(m), level="DEBUG" if debug else "WARNING",
-               format="{time:HH:mm:ss} | {level} | {message}")
-
-
 @contextlib.contextmanager
-def open_study(config: Path, data_dir: Optional[Path], debug: bool, lock: bool = True) -> Iterator[object]:
+def open_study(config: Path, data_dir: Optional[Path], debug: bool, lock: bool = True,
+               verbose: bool = False) -> Iterator[object]:
     from quantstudy.config import load_config, study_dir
     from quantstudy.context import RunContext
     from quantstudy.environment import resolve_device
     from quantstudy.lock import study_lock
     from quantstudy.store import Store
+    from quantstudy.logs import Output
 
-    quiet_library_logs(debug)
+    out = Output(verbose)  # before anything loads a library: it takes over loguru's console sink
     cfg = load_config(config)
     sdir = study_dir(cfg, config)
     cdir = config.resolve().parent
@@ -84,7 +77,7 @@ def open_study(config: Path, data_dir: Optional[Path], debug: bool, lock: bool =
     device = resolve_device(cfg.device.value)
     sdir.mkdir(parents=True, exist_ok=True)
     with (study_lock(sdir) if lock else contextlib.nullcontext()), Store(sdir / "store.sqlite") as store:
-        yield RunContext(cfg, sdir, cdir, store, ddir, device, console, debug)
+        yield RunContext(cfg, sdir, cdir, store, ddir, device, out.console, debug, out)
 
 
 @app.command()
@@ -111,29 +104,33 @@ def plan(config: Path, data_dir: Optional[Path] = DataDir, debug: bool = Debug) 
 
 @app.command()
 def run(config: Path, data_dir: Optional[Path] = DataDir, fmt: str = typer.Option("md,html,json", "--format"),
-        debug: bool = Debug) -> None:
+        debug: bool = Debug, verbose: bool = Verbose) -> None:
     """Run the whole study (cached stages are skipped) and write the report."""
     from quantstudy.study import run_study
 
     formats = parse_formats(fmt)
-    with friendly_errors(debug), open_study(config, data_dir, debug) as ctx:
-        steps = run_study(ctx, formats)
-        summary(steps)
+    with friendly_errors(debug), open_study(config, data_dir, debug, verbose=verbose) as ctx:
+        t0 = time.perf_counter()
+        summary(ctx, run_study(ctx, formats), time.perf_counter() - t0)
 
 
 @app.command()
-def quantize(config: Path, data_dir: Optional[Path] = DataDir, debug: bool = Debug) -> None:
+def quantize(config: Path, data_dir: Optional[Path] = DataDir, debug: bool = Debug,
+             verbose: bool = Verbose) -> None:
     """Run only the stages up to quantization (model source, training, every variant)."""
-    with friendly_errors(debug), open_study(config, data_dir, debug) as ctx:
-        summary(run_stages(ctx, {"resolve", "train", "quantize"}))
+    with friendly_errors(debug), open_study(config, data_dir, debug, verbose=verbose) as ctx:
+        t0 = time.perf_counter()
+        summary(ctx, run_stages(ctx, {"resolve", "train", "quantize"}), time.perf_counter() - t0)
 
 
 @app.command()
 def evaluate(config: Path, model: Optional[str] = typer.Option(None, help="one model of the study (default: all)"),
-             data_dir: Optional[Path] = DataDir, debug: bool = Debug) -> None:
+             data_dir: Optional[Path] = DataDir, debug: bool = Debug, verbose: bool = Verbose) -> None:
     """Evaluate (and measure) the study's models; producing any missing model first."""
-    with friendly_errors(debug), open_study(config, data_dir, debug) as ctx:
-        summary(run_stages(ctx, {"resolve", "train", "quantize", "evaluate", "measure"}, only_model=model))
+    with friendly_errors(debug), open_study(config, data_dir, debug, verbose=verbose) as ctx:
+        t0 = time.perf_counter()
+        summary(ctx, run_stages(ctx, {"resolve", "train", "quantize", "evaluate", "measure"}, only_model=model),
+                time.perf_counter() - t0)
 
 
 @app.command()
@@ -162,7 +159,7 @@ def parse_formats(fmt: str) -> set[str]:
 
 def run_stages(ctx: object, stages: set[str], only_model: str | None = None) -> list[object]:
     from quantstudy import environment
-    from quantstudy.study import is_done, plan as make_plan, run_step
+    from quantstudy.study import execute, plan as make_plan
 
     environment.record(ctx)
     steps = make_plan(ctx)
@@ -174,19 +171,17 @@ def run_stages(ctx: object, stages: set[str], only_model: str | None = None) -> 
     for s in steps:
         if s.model in needed:
             needed.update(s.parents)
-    for s in steps:
-        if s.stage in stages and s.model in needed and not is_done(ctx, s):
-            ctx.console.rule(f"{s.stage} {s.model}")
-            run_step(ctx, s)
+    execute(ctx, steps, lambda s: s.stage in stages and s.model in needed)
     return steps
 
 
-def summary(steps: list[object]) -> None:
-    t = Table("stage", "model", "result", "seconds", title="summary")
-    for s in steps:
-        t.add_row(s.stage, s.model, "cached" if s.cached else ("ran" if s.seconds is not None else "skipped"),
-                  "" if s.seconds is None else f"{s.seconds:.1f}")
-    console.print(t)
+def summary(ctx: object, steps: list[object], seconds: float) -> None:
+    """One closing line: each finished stage already printed its time and headline."""
+    from quantstudy.progress import clock
+
+    ran = sum(s.seconds is not None for s in steps)
+    ctx.console.print(f"{ran} stage(s) ran, {sum(s.cached for s in steps)} cached; {clock(seconds)} in all; "
+                      f"library logs in {ctx.study_dir / 'logs'}", highlight=False, soft_wrap=True)
 
 
 def main() -> None:  # pragma: no cover

@@ -13,7 +13,6 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from quantstudy.errors import QuantStudyError
@@ -262,6 +261,14 @@ class EvaluateConfig(Strict):
     seed: int = 1234
     speed: SpeedConfig | None = SpeedConfig()
 
+    @field_validator("tasks")
+    @classmethod
+    def _some_tasks(cls, v: list[Any]) -> list[Any]:
+        if not v:  # an evaluate stage that evaluates nothing would still run (and load every model)
+            raise ValueError("no tasks listed; list at least one (e.g. [arc_easy]), "
+                             "or write `evaluate: null` to skip evaluation")
+        return v
+
     def task_specs(self) -> list[TaskSpec]:
         out = [t if isinstance(t, TaskSpec) else TaskSpec(name=t) for t in self.tasks]
         seen = [t.name for t in out]
@@ -372,7 +379,8 @@ def _explain(err: dict[str, Any]) -> str:
 
 def parse_config(data: Any, origin: str = "<config>") -> StudyConfig:
     if not isinstance(data, dict):
-        raise QuantStudyError("a study file must be a YAML mapping", value=type(data).__name__,
+        raise QuantStudyError(f"{origin}: a study file must be a YAML mapping (`key: value` lines), "
+                              f"not a {type(data).__name__}", value=data if not isinstance(data, list) else None,
                               fix=f"start {origin} with `name:` and `model:` keys")
     try:
         return StudyConfig.model_validate(data)
@@ -389,11 +397,9 @@ def load_config(path: str | Path) -> StudyConfig:
     p = Path(path)
     if not p.is_file():
         raise QuantStudyError("study file not found", value=str(p), fix="pass the path of a study YAML file")
-    try:
-        data = yaml.safe_load(p.read_text())  # safe_load: a config can never construct Python objects
-    except yaml.YAMLError as e:
-        raise QuantStudyError(f"{p} is not valid YAML: {e}", fix="fix the YAML syntax at the line shown") from None
-    return parse_config(data, str(p))
+    from quantstudy.yamlfile import read_yaml  # safe loading; refuses duplicate keys, non-UTF-8, empty files
+
+    return parse_config(read_yaml(p), str(p))
 
 
 def study_dir(cfg: StudyConfig, config_path: str | Path) -> Path:

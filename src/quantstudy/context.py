@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -21,6 +22,7 @@ class RunContext:
     device: str  # "cpu" or "cuda", resolved from cfg.device
     console: Console
     debug: bool = False
+    output: Any = None  # logs.Output: where library output goes per stage (None: not captured)
 
     @property
     def data_id(self) -> str:

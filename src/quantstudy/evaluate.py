@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
 from quantstudy import store as st
 from quantstudy.config import EvalBackend, LimitMode, TaskSpec
 from quantstudy.context import RunContext
@@ -26,6 +24,7 @@ from quantstudy.tasks import Item, Kind, Task, build_context, continuation_prefi
 from quantstudy.tasks.base import ChatFn, sha
 from quantstudy.faults import failpoint
 
+from quantstudy.progress import make_progress
 
 @dataclass(frozen=True)
 class Prompt:
@@ -161,8 +160,7 @@ def evaluate_model(ctx: RunContext, model: st.ModelRecord) -> None:
     if ecfg is None:
         return
     lazy = _Model(ctx, model)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=ctx.console, transient=False) as progress:
+    with make_progress(ctx.console) as progress:  # rich bars on a terminal, timed plain lines elsewhere
         for spec in ecfg.task_specs():
             task = get_task(spec.name)
             items = select_items(ctx, spec)

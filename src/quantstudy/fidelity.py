@@ -151,10 +151,9 @@ def kl_full(logp: torch.Tensor, logq: torch.Tensor) -> np.ndarray:
 
 # --------------------------------------------------------------------------- baseline cache
 def _progress(ctx: RunContext, label: str, total: int):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from quantstudy.progress import make_progress
 
-    prog = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=ctx.console, transient=True)
+    prog = make_progress(ctx.console)  # rich bars on a terminal, timed plain lines elsewhere
     task = prog.add_task(label, total=total)
     return prog, lambda: prog.advance(task)
 

@@ -84,12 +84,26 @@ class Store:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists() and not self.path.is_file():
+            raise QuantStudyError(f"study store {self.path} is not a file", fix="move it away: the study "
+                                  "keeps its record in this path")
         # timeout: a second process waits for the write lock instead of failing at once
         self.db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.executescript(_SCHEMA)
-        found = self.get_meta("schema_version")
+        try:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            # reads every page: a damaged store fails here, before any stage runs, not mid-run
+            check = self.db.execute("PRAGMA quick_check(1)").fetchone()[0]
+            if check != "ok":
+                raise sqlite3.DatabaseError(check)
+            self.db.executescript(_SCHEMA)
+            found = self.get_meta("schema_version")
+        except sqlite3.DatabaseError as e:  # not SQLite, truncated, or a corrupt page; never overwritten
+            self.db.close()
+            raise QuantStudyError(
+                f"study store {self.path} is not a readable SQLite database ({e})",
+                fix="restore it from a backup, or move it away to start the study afresh (models under "
+                    "models/ are reused only after their stages run again)") from None
         if found is None:
             self.set_meta("schema_version", str(SCHEMA_VERSION))
         elif int(found) != SCHEMA_VERSION:

@@ -8,11 +8,13 @@ resumes where it stopped (artifacts are renamed into place before `done` is reco
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from quantstudy import environment
 from quantstudy.calibration import check_held_out
@@ -168,19 +170,42 @@ def _replace_model(ctx: RunContext, rec: ModelRecord, key: str) -> None:
 def run_study(ctx: RunContext, formats: set[str] | None = None) -> list[Step]:
     environment.record(ctx)
     steps = plan(ctx)
-    todo = [s for s in steps if not s.cached]
-    ctx.console.print(f"[bold]{ctx.cfg.name}[/]: {len(steps)} stages, {len(steps) - len(todo)} cached, "
-                      f"{len(todo)} to run")
-    for i, s in enumerate(steps, 1):
-        # re-checked here: re-making a model invalidates the stages computed on its old weights
-        if is_done(ctx, s):
-            continue
-        s.cached = False
-        ctx.console.rule(f"[{i}/{len(steps)}] {s.stage} {s.model}")
-        run_step(ctx, s)
-        ctx.console.print(f"  done in {s.seconds:.1f} s")
+    execute(ctx, steps)
     from quantstudy.report import write_report
 
     paths = write_report(ctx.store, ctx.study_dir, formats or {"md", "html", "json"})
-    ctx.console.print("report: " + ", ".join(str(p) for p in paths))
+    ctx.console.print("report: " + ", ".join(str(p) for p in paths), soft_wrap=True)
     return steps
+
+
+def execute(ctx: RunContext, steps: list[Step], wanted: Callable[[Step], bool] = lambda s: True) -> None:
+    """Run the wanted stages not yet done, in order: each with its library output in its own log file,
+    a start line, progress, and a finish line with its time and headline result."""
+    from quantstudy.progress import Heartbeat, clock, headline
+
+    out, con = ctx.output, ctx.console
+    chosen = [s for s in steps if wanted(s)]
+    todo = [s for s in chosen if not s.cached]
+    con.print(f"[bold]{ctx.cfg.name}[/]: {len(chosen)} stages, {len(chosen) - len(todo)} cached, {len(todo)} to run")
+    for stage in dict.fromkeys(s.stage for s in chosen):  # the stage list: one line per kind of stage
+        models = [f"{s.model}{' (cached)' if s.cached else ''}" for s in chosen if s.stage == stage]
+        con.print(f"  {stage}: {', '.join(models)}", highlight=False, soft_wrap=True)
+    for i, s in enumerate(steps, 1):
+        # re-checked here: re-making a model invalidates the stages computed on its old weights
+        if not wanted(s) or is_done(ctx, s):
+            continue
+        s.cached = False
+        label = f"[{i}/{len(steps)}] {s.stage} {s.model}"
+        con.print(f"[bold]{label}[/] ...", highlight=False)
+        log = ctx.study_dir / "logs" / f"{s.stage}-{s.model}.log"
+        t0 = time.perf_counter()
+        try:
+            with (out.capture(log) if out is not None else contextlib.nullcontext()), Heartbeat(con, label):
+                run_step(ctx, s)
+        except BaseException:
+            if out is not None:
+                con.print(f"[red]{label} failed[/] after {clock(time.perf_counter() - t0)}; the libraries' output "
+                          f"is in {log}", highlight=False, soft_wrap=True)
+            raise
+        con.print(f"[green]{label} done[/] in {clock(s.seconds or 0)}: {headline(ctx.store, s.stage, s.model)}",
+                  highlight=False, soft_wrap=True)
