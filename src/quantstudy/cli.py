@@ -15,6 +15,7 @@ from typing import Iterator, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from quantstudy.errors import QuantStudyError
@@ -37,7 +38,8 @@ def friendly_errors(debug: bool) -> Iterator[None]:
     except QuantStudyError as e:
         if debug:
             raise
-        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        # escaped: a message may quote `[a, b]` or a value in brackets, which rich would read as markup
+        console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: finished stages and scored items are kept; run again to resume")

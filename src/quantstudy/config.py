@@ -374,7 +374,17 @@ def _explain(err: dict[str, Any]) -> str:
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         return f"{where}: {value!r} is not allowed{hint}. Fix: use one of {exp}"
     msg = err["msg"].removeprefix("Value error, ")
-    return f"{where}: {msg} (got {value!r}). Fix: correct the value in the study file"
+    return f"{where}: {msg} (got {value!r}). Fix: {_TYPE_FIX.get(kind, 'correct the value in the study file')}"
+
+
+_MAPPING_FIX = "write it as a mapping: `key: value` lines indented under it (see the README's study file)"
+# pydantic error type -> how to write the value instead (the error names the expected type already)
+_TYPE_FIX = {"model_type": _MAPPING_FIX, "dict_type": _MAPPING_FIX,
+             "list_type": "write it as a list: `[a, b]` or one `- item` line per entry",
+             "int_type": "write a whole number", "int_parsing": "write a whole number",
+             "float_type": "write a number", "float_parsing": "write a number",
+             "string_type": "write text (quote it if YAML reads it as a number or a date)",
+             "bool_type": "write true or false", "bool_parsing": "write true or false"}
 
 
 def parse_config(data: Any, origin: str = "<config>") -> StudyConfig:

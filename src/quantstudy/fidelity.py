@@ -38,6 +38,7 @@ import hashlib
 import json
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -180,8 +181,8 @@ def baseline_cache(ctx: RunContext, baseline: ModelRecord, ids: np.ndarray, fcfg
         try:
             with np.load(path, allow_pickle=False) as f:
                 return {k: f[k] for k in f.files}
-        except (OSError, ValueError, KeyError):
-            pass  # unreadable (e.g. a disk error): recompute and overwrite
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            pass  # unreadable (truncated copy, disk error): it is a cache, so recompute and overwrite
     model, _ = _load(baseline.path, ctx)
     wins = windows(len(ids), fcfg.context_length, fcfg.stride or fcfg.context_length)
     parts: dict[str, list[np.ndarray]] = {"idx": [], "logp_k": [], "logp_tail": [], "logp_gold": []}

@@ -94,6 +94,36 @@ def check_model_dir(model_dir: Path, field: str = "model.source") -> None:
     if not weight_files(model_dir):
         raise QuantStudyError("model directory has no weight files (*.safetensors / *.bin)", field=field,
                               value=str(model_dir), fix="copy the weights into it or re-save with save_pretrained()")
+    check_model_files(model_dir, field)
+
+
+DAMAGED_FIX = ("if the folder is one this study made (under its models/), delete it and run again: the model is "
+               "re-made; otherwise copy or save the model again")
+
+
+def check_model_files(model_dir: Path, field: str) -> None:
+    """A damaged config.json or safetensors file (truncated copy, disk error) is one clear error before
+    any stage uses it, not a library traceback mid-run. Reads only config.json and each file's header."""
+    import json
+
+    from safetensors import SafetensorError, safe_open
+
+    cfg = model_dir / "config.json"
+    try:
+        json.loads(cfg.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise QuantStudyError(f"{cfg} is not valid JSON ({e})", field=field, value=str(model_dir),
+                              fix=DAMAGED_FIX) from None
+    for f in weight_files(model_dir):
+        if f.suffix != ".safetensors":
+            continue
+        try:
+            # safetensors checks the header and that the file holds every tensor it declares (no data read)
+            with safe_open(str(f), framework="np"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise QuantStudyError(f"{f} is damaged or truncated ({e})", field=field, value=str(model_dir),
+                                  fix=DAMAGED_FIX) from None
 
 
 def gguf_to_hf(gguf: Path, out_dir: Path) -> Path:

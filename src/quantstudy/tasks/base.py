@@ -75,7 +75,11 @@ def bad_format(task: str, path: Path, what: str) -> QuantStudyError:
 
 def read_jsonl(task: str, path: Path, keys: tuple[str, ...]) -> list[Doc]:
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise bad_format(task, path, f"not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at offset {e.start})") from None
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
