@@ -114,9 +114,14 @@ def test_retention_wording(store: Store, tmp_path: Path) -> None:
 
 def test_recommendation_rules(store: Store) -> None:
     recs = {r.topic: r for r in recommendations(analyze(store))}
-    # smallest size is 160 MiB (three qualify); the tie goes to the higher mean accuracy; awq is flagged anyway
-    assert recs["deployment"].model == "tuned-gptq-c64"
-    assert recs["deployment"].rule.startswith("R1:")
+    # n = 30-60 per task: no variant's loss bound gets near a 1-point margin, so no deployment choice, and the
+    # verdict names each deciding metric's best bound and the items it would need
+    dep = recs["deployment"]
+    assert dep.model is None and dep.rule.startswith("R1 (non-inferiority)")
+    assert dep.verdict.startswith("no recommendation at this n: arc_easy acc: best bound 12.8 pt (gptq-c128) > "
+                                  "margin 1 pt; would need ~")
+    for label in ("arc_easy acc", "gsm8k em", "mmlu acc", "squad_v2 em"):
+        assert f"{label}: best bound" in dep.verdict
     # tuned: better on gsm8k, worse on wikitext perplexity -> named as such, no overall preference
     assert recs["most accurate"].model == "tuned"
     assert "base better on wikitext word_perplexity; tuned better on gsm8k em" in recs["most accurate"].verdict
@@ -252,11 +257,20 @@ def test_tie_names_the_range_of_n() -> None:
 
     class C:  # the two fields _pair_text reads
         def __init__(self, n: int) -> None:
-            self.n, self.better, self.label = n, None, "x"
+            self.n, self.better, self.label, self.kind = n, None, "x", "binary"
+            self.right_to_wrong = self.wrong_to_right = 3
 
-    assert _pair_text([C(2), C(57), C(40)], "a", "b") == "no detectable difference (n = 2 to 57 per metric, " \
+    assert _pair_text([C(2), C(57), C(40)], "a", "b") == "inconclusive at this n (n = 2 to 57 per metric, " \
                                                         "alpha = 0.05 after Holm)"
-    assert _pair_text([C(40)], "a", "b") == "no detectable difference (n = 40, alpha = 0.05 after Holm)"
+    assert _pair_text([C(40)], "a", "b") == "inconclusive at this n (n = 40, alpha = 0.05 after Holm)"
+    # with the study's margin: the items that would show the two within it (6 of 40 discordant, 1 point)
+    from quantstudy import stats
+    from quantstudy.report.items import Kind
+
+    c = C(40)
+    c.kind = Kind.binary
+    assert _pair_text([c], "a", "b", 0.01).endswith(
+        f"; would need ~{stats.n_noninferiority_binary(0.15, 0.01)} items to show they are within 1 pt of each other)")
 
 
 def test_run_times_table(store: Store, tmp_path: Path) -> None:

@@ -58,7 +58,7 @@ def test_html_is_self_contained(report: Path) -> None:
     assert not re.search(r"""(src|href)=["']?(https?:|//|file:)""", html)
     srcs = re.findall(r'<img [^>]*data-plot="(\w+)" src="data:image/png;base64,', html)
     assert set(srcs) == PLOTS
-    assert "tie (n.s.)" in html and "<strong>tuned</strong>" in html  # inline marks became tags
+    assert "inconclusive (n.s.)" in html and "<strong>tuned</strong>" in html  # inline marks became tags
     assert "&lt;0.001" in html and "&amp;" not in html  # escaped once, never twice
     assert not list(report.parent.glob("*.png")), "html alone must not write PNG files"
 

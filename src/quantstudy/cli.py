@@ -83,7 +83,12 @@ def open_study(config: Path, data_dir: Optional[Path], debug: bool, lock: bool =
 
 
 @app.command()
-def plan(config: Path, data_dir: Optional[Path] = DataDir, debug: bool = Debug) -> None:
+def plan(config: Path, data_dir: Optional[Path] = DataDir, debug: bool = Debug,
+         pilot: Optional[Path] = typer.Option(None, "--pilot", help="a pilot study directory: plan items per task "
+                                              "from its observed disagreement (parent vs variant)"),
+         discordance: Optional[float] = typer.Option(None, "--discordance", min=0.0, max=1.0, help="plan items per "
+                                                     "task from a stated share of items the variant answers differently")
+         ) -> None:
     """Print the expanded plan (variants, cached stages, what will run) without running anything."""
     from quantstudy.study import plan as make_plan
 
@@ -102,6 +107,10 @@ def plan(config: Path, data_dir: Optional[Path] = DataDir, debug: bool = Debug) 
             st.add_row(str(i), s.stage, s.model, "[green]cached[/]" if s.cached else "[yellow]will run[/]")
         console.print(st)
         console.print(f"study directory: {ctx.study_dir}; device: {ctx.device}; data: {ctx.data_id}")
+        if pilot is not None or discordance is not None:  # items needed for the decision (report/decide.py)
+            from quantstudy.report.decide import print_plan
+
+            print_plan(console, ctx.cfg, pilot, discordance)
 
 
 @app.command()

@@ -299,6 +299,43 @@ class FidelityConfig(Strict):
         return self
 
 
+class MarginKind(str, Enum):
+    points = "points"  # accuracy points (1.0 = one percentage point of accuracy)
+    relative = "relative"  # percent of the parent's score (1.0 = 1%); perplexity is always relative
+
+
+# what a `deciding` entry may name: a task (its right/wrong metric) or task.metric
+_DECIDING = re.compile(r"(?P<task>[a-z0-9_]+)(\.(?P<metric>acc|em|f1|word_perplexity))?")
+
+
+class TaskDecision(Strict):
+    margin: float | None = Field(None, gt=0, lt=100)  # None = decision.margin
+    margin_kind: MarginKind | None = None  # None = decision.margin_kind
+
+
+class DecisionConfig(Strict):
+    """Deployment decisions by non-inferiority (report/decide.py): a variant is recommended only when the
+    one-sided (1 - alpha) bound of its loss vs its parent is inside the margin on every deciding metric."""
+
+    margin: float = Field(1.0, gt=0, lt=100)
+    margin_kind: MarginKind = MarginKind.points
+    alpha: float = Field(0.05, gt=0, lt=0.5)  # for the whole recommendation (split over candidate variants)
+    power: float = Field(0.8, gt=0.5, lt=1)  # for the sample-size planning
+    deciding: list[str] | None = None  # "arc_easy" or "squad_v2.f1"; None = every right/wrong metric
+    tasks: dict[TaskName, TaskDecision] = Field(default_factory=dict)  # per-task margin overrides
+
+    @field_validator("deciding")
+    @classmethod
+    def _deciding(cls, v: list[str] | None) -> list[str] | None:
+        for entry in v or []:
+            m = _DECIDING.fullmatch(entry)
+            if not m or m["task"] not in {t.value for t in TaskName}:
+                raise ValueError(f"decision.deciding entry {entry!r} is not a task or task.metric: use one of "
+                                 f"{', '.join(t.value for t in TaskName)}, optionally with .acc, .em, .f1 or "
+                                 ".word_perplexity (e.g. squad_v2.f1)")
+        return v
+
+
 class StudyConfig(Strict):
     name: str
     seed: int = 0
@@ -311,6 +348,7 @@ class StudyConfig(Strict):
     quantize: list[QuantizeEntry] = Field(default_factory=list)
     evaluate: EvaluateConfig | None = EvaluateConfig()
     fidelity: FidelityConfig | None = None
+    decision: DecisionConfig = DecisionConfig()
 
     @model_validator(mode="after")
     def _train_calibration_needs_train(self) -> StudyConfig:

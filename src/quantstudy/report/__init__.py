@@ -38,6 +38,7 @@ def build(a: Analysis, title: str, recs: list[Recommendation], rank: list[RankRo
     compare.pairs(doc, a)
     compare.training(doc, a)
     compare.fidelity(doc, a)
+    summary.decision(doc, a)
     summary.ranking(doc, a, rank)
     summary.recommendations(doc, a, recs)
     compare.technical(doc, a)

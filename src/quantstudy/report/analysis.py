@@ -15,7 +15,8 @@ from typing import Any
 
 from quantstudy import stats
 from quantstudy.errors import QuantStudyError
-from quantstudy.report import deploy, items
+from quantstudy.config import DecisionConfig
+from quantstudy.report import decide, deploy, items
 from quantstudy.report.items import Comparison, Kind, Metric, Score
 from quantstudy.store import ModelRecord, Store
 
@@ -70,6 +71,8 @@ class Analysis:
     # model -> {stage or "evaluate: <task>": wall seconds of the run that produced it}
     times: dict[str, dict[str, float]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    decision: DecisionConfig = field(default_factory=DecisionConfig)  # the study's `decision:` section
+    noninferiority: list[decide.NonInferiority] = field(default_factory=list)  # quantized vs parent, every metric
 
     def model(self, name: str) -> ModelInfo:
         return next(m for m in self.models if m.name == name)
@@ -158,6 +161,9 @@ def analyze(store: Store) -> Analysis:
     scores = [items.score(m.name, mt, cols[m.name, mt]) for m in models for mt in metrics if cols[m.name, mt]]
     a = Analysis(models, tasks, metrics, scores, [], plan_pairs(models), [], [], [], [], {}, {}, {}, _meta(store))
     _compare_all(a, cols)
+    a.decision, bad = decide.decision_config(a.meta)
+    a.warnings += [bad] if bad else []
+    a.noninferiority = decide.noninferiority(a, cols)
     _mmlu(a, by_model)
     _summaries(a)
     _deployment(a, store, by_model)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from quantstudy.report import document as d
 from quantstudy.report.items import Comparison, Kind, Score
 
-TIE = "tie (n.s.)"
+TIE = "inconclusive (n.s.)"
 
 
 def score(s: Score | None) -> str:

@@ -41,6 +41,9 @@ def results(a: Analysis, recs: list[Recommendation], rank: list[RankRow]) -> dic
                        "paired_continuous_test": "paired percentile bootstrap",
                        "bootstrap_resamples": stats.BOOT_RESAMPLES, "bootstrap_seed": stats.BOOT_SEED,
                        "multiple_comparisons": f"Holm over all {len(a.comparisons)} comparisons",
+                       "noninferiority": "one-sided Tango score bound (right/wrong) or paired bootstrap bound; alpha "
+                                         "split over candidate variants (Bonferroni); intersection-union across a "
+                                         "variant's deciding metrics",
                        "mde": "paired: (z_{1-a/2} + z_power) * sd(per-item difference) / sqrt(n); "
                               "design: unpaired two-proportion (Cohen's h) at the baseline accuracy"},
         "models": _clean(a.models),
@@ -56,6 +59,8 @@ def results(a: Analysis, recs: list[Recommendation], rank: list[RankRow]) -> dic
         "training": _clean(a.training),
         "wall_seconds": _clean(a.times),
         "design_mde": {t: {"n": n, "baseline_accuracy": p0, "mde": m} for t, (n, p0, m) in a.design_mde.items()},
+        "decision": a.decision.model_dump(mode="json"),
+        "noninferiority": [{**_clean(r), "shown": r.shown} for r in a.noninferiority],
         "ranking": _clean(rank),
         "recommendations": _clean(recs),
         "warnings": a.warnings,

@@ -9,14 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from quantstudy import stats
+from quantstudy.report import decide
 from quantstudy.report.analysis import Analysis, PairKind
-from quantstudy.report.items import Comparison
+from quantstudy.report.items import Comparison, Kind
 
-RETENTION_FLOOR = 0.99  # R1: "not significantly below 99% of the parent" on every task
-RULE_DEPLOY = (f"R1: the smallest evaluated quantized model (size on disk; ties go to the higher mean accuracy) whose "
-               f"retention vs its parent is not significantly below {RETENTION_FLOOR:.0%} on any accuracy metric "
-               f"(the upper end of its 95% paired-bootstrap retention interval reaches {RETENTION_FLOOR:.0%}) "
-               f"and that has no generation-health flag; perplexity is reported, not part of the rule")
+RULE_DEPLOY = ("R1 (non-inferiority): the smallest evaluated quantized model (size on disk; ties go to the higher mean "
+               "accuracy) that is no worse than its parent within the study's margin on every deciding metric (the "
+               "one-sided upper confidence bound of its loss is below the margin; alpha split over the candidate "
+               "variants) and that has no generation-health flag; otherwise no recommendation at this n")
 RULE_BEST = ("R2: the highest mean accuracy over tasks (point estimate); called better than its parent only with "
              "a Holm-significant gain on at least one task and no significant loss")
 RULE_PAIR = ("R3: in a pair, one model is preferred only if it wins at least one metric and loses none "
@@ -32,6 +32,7 @@ class RankRow:
     pareto: bool
     better: list[str] = field(default_factory=list)  # tasks where it is significantly better than its parent
     worse: list[str] = field(default_factory=list)
+    vs_next: str = ""  # can this rank be told apart from the next one (a Holm-significant paired test)?
 
 
 @dataclass
@@ -55,6 +56,12 @@ def ranking(a: Analysis) -> list[RankRow]:
         rows.append(RankRow(i, m.name, m.mean_acc, m.size_bytes, m.pareto,
                             [c.label for c in comps if c.better == m.name],
                             [c.label for c in comps if c.better == c.ref]))
+    for row, nxt in zip(rows, rows[1:]):
+        # the ranking is by mean accuracy, so only the right/wrong metrics can tell two ranks apart
+        comps = [c for c in a.between(row.model, nxt.model) or a.between(nxt.model, row.model) if c.kind == Kind.binary]
+        sig = [c.label for c in comps if c.better]
+        row.vs_next = ("not compared (no planned pair)" if not comps else
+                       f"distinguishable ({', '.join(sig)})" if sig else "not distinguishable at this n")
     return rows
 
 
@@ -64,38 +71,71 @@ def pair_verdict(comps: list[Comparison]) -> str | None:
     return winners.pop() if len(winners) == 1 else None
 
 
-def _pair_text(comps: list[Comparison], ref: str, other: str) -> str:
-    """Plain words for a pair without a preferred model: tied, or each better somewhere."""
+def _pair_text(comps: list[Comparison], ref: str, other: str, margin: float | None = None,
+               alpha: float = stats.ALPHA) -> str:
+    """Plain words for a pair without a preferred model: inconclusive (with the n that would settle it), or
+    each better somewhere. margin (a fraction): the study's decision margin, for the items-needed estimate."""
     wins = {m: [c.label for c in comps if c.better == m] for m in (ref, other)}
     if not wins[ref] and not wins[other]:
         ns = sorted({c.n for c in comps}) or [0]
         n = f"n = {ns[0]}" if len(ns) == 1 else f"n = {ns[0]} to {ns[-1]} per metric"
-        return f"no detectable difference ({n}, alpha = {stats.ALPHA} after Holm)"
+        need = [stats.n_noninferiority_binary((c.right_to_wrong + c.wrong_to_right) / c.n, margin, alpha)
+                for c in comps if margin and c.kind == Kind.binary and c.n and c.right_to_wrong is not None]
+        need = [x for x in need if x]
+        would = (f"; would need ~{max(need)} items to show they are within {100 * margin:g} pt of each other"
+                 if need else "")
+        return f"inconclusive at this n ({n}, alpha = {stats.ALPHA} after Holm{would})"
     return "; ".join(f"{m} better on {', '.join(w)}" for m, w in wins.items() if w)
 
 
-def _keeps_accuracy(c: Comparison) -> bool:
-    if not c.higher_is_better or c.ratio is None:  # perplexity, or the parent scored 0: nothing to lose
-        return True
-    return (c.ratio_hi or 0) >= RETENTION_FLOOR
+def _ni_text(r: decide.NonInferiority) -> str:
+    unit = "%" if r.relative else " pt"
+    return (f"{r.label} loss {100 * r.loss:+.1f}{unit}, bound {100 * r.bound:.1f}{unit} vs margin "
+            f"{100 * r.margin:.2g}{unit}")
+
+
+def _why_not(a: Analysis, cands: list[str]) -> str:
+    """Per deciding metric that no candidate passes: the best bound, and the items that would settle it."""
+    out = []
+    rows = [r for r in a.noninferiority if r.deciding and r.other in cands]
+    for label in dict.fromkeys(r.label for r in rows):
+        same = [r for r in rows if r.label == label]
+        if any(r.shown for r in same):
+            continue
+        best = min(same, key=lambda r: r.bound)
+        needs = [r for r in same if r.n_needed]
+        need = f"; would need {decide.needed_text(min(needs, key=lambda r: r.n_needed))}" if needs else ""
+        out.append(f"{label}: best bound {100 * best.bound:.1f}{'%' if best.relative else ' pt'} ({best.other}) "
+                   f"> margin {best.margin_note}{need}")
+    if not out:  # each metric is passed by some variant, but no variant passes them all
+        for name in cands:
+            fail = [f"{r.label} (bound {100 * r.bound:.1f} > {r.margin_note})" for r in rows if r.other == name and not r.shown]
+            out += [f"{name} fails {', '.join(fail)}"] if fail else []
+    return "; ".join(out)
 
 
 def recommendations(a: Analysis) -> list[Recommendation]:
     out = []
+    margin = a.decision.margin / 100 if a.decision.margin_kind.value == "points" else None  # for items-needed estimates
     flagged = {h.model for h in a.health if h.flags}
     quant = [m for m in a.models if m.role == "quantized"]
-    ok = [m for m in quant if m.name not in flagged and _vs_parent(a, m.name)
-          and all(_keeps_accuracy(c) for c in _vs_parent(a, m.name))]
+    tested = sorted({r.other for r in a.noninferiority})
+    ni = {name: [r for r in a.noninferiority if r.other == name and r.deciding] for name in tested}
+    ok = [m for m in quant if m.name in ni and ni[m.name] and m.name not in flagged and all(r.shown for r in ni[m.name])]
     if ok:
         pick = min(ok, key=lambda m: (m.size_bytes or float("inf"), -(m.mean_acc or 0)))
-        mde = max([c.mde or 0 for c in _vs_parent(a, pick.name) if c.higher_is_better] or [0])
-        caveat = (f" At these sample sizes, losses smaller than about {100 * mde:.1f} points (largest paired MDE "
-                  f"over its tasks) cannot be excluded." if mde else
-                  " It answered every right/wrong item as its parent did.")
-        out.append(Recommendation("deployment", RULE_DEPLOY, f"{pick.name} ({pick.describe}).{caveat}", pick.name))
-    elif quant:
         out.append(Recommendation("deployment", RULE_DEPLOY,
-                                  "no quantized model qualifies; keep the unquantized model or relax the rule"))
+                                  f"{pick.name} ({pick.describe}): no worse than its parent within the margin on every "
+                                  f"deciding metric ({'; '.join(_ni_text(r) for r in ni[pick.name])}; one-sided "
+                                  f"{100 * (1 - ni[pick.name][0].alpha):.2f}% bounds)", pick.name))
+    elif quant:
+        why = [_why_not(a, tested)] if tested else ["no quantized model has results to compare with its parent"]
+        passed_but_flagged = sorted(n for n in tested if n in flagged and ni[n] and all(r.shown for r in ni[n]))
+        if passed_but_flagged:
+            why.append(f"{', '.join(passed_but_flagged)} passed but has a generation-health flag")
+        out.append(Recommendation("deployment", RULE_DEPLOY,
+                                  "no recommendation at this n: " + "; ".join(w for w in why if w)
+                                  + ". Keep the unquantized model, or evaluate more items"))
     if any(m.mean_acc is not None for m in a.models):
         best = max((m for m in a.models if m.mean_acc is not None), key=lambda m: m.mean_acc)  # type: ignore[arg-type]
         comps = _vs_parent(a, best.name)
@@ -105,13 +145,14 @@ def recommendations(a: Analysis) -> list[Recommendation]:
         elif pair_verdict(comps) == best.name:
             text += f": significantly better than its parent {best.parent}"
         else:
-            text += f", the highest point estimate; vs its parent {best.parent}: {_pair_text(comps, best.parent, best.name)}"
+            text += (f", the highest point estimate; vs its parent {best.parent}: "
+                     f"{_pair_text(comps, best.parent, best.name, margin)}")
         out.append(Recommendation("most accurate", RULE_BEST, text, best.name))
     for kind in (PairKind.training, PairKind.method, PairKind.calibration):
         for p in a.pairs_of(kind):
             comps = a.of_pair(p)
             win = pair_verdict(comps)
-            verdict = f"prefer {win}" if win else f"no preference: {_pair_text(comps, p.ref, p.other)}"
+            verdict = f"prefer {win}" if win else f"no preference: {_pair_text(comps, p.ref, p.other, margin)}"
             out.append(Recommendation(f"{kind.value}: {p.ref} vs {p.other}", RULE_PAIR, verdict, win))
     for p in a.pairs_of(PairKind.parent):
         if a.model(p.other).role != "trained":
@@ -119,6 +160,6 @@ def recommendations(a: Analysis) -> list[Recommendation]:
         comps = a.between(p.ref, p.other)
         win = pair_verdict(comps)
         verdict = {p.other: "train: the trained model is better", p.ref: "do not train: training made it worse"}.get(
-            win or "", f"no preference: {_pair_text(comps, p.ref, p.other)}")
+            win or "", f"no preference: {_pair_text(comps, p.ref, p.other, margin)}")
         out.append(Recommendation(f"training: {p.ref} vs {p.other}", RULE_PAIR, verdict, win))
     return out

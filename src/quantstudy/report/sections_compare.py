@@ -111,6 +111,11 @@ def fidelity(doc: Document, a: Analysis) -> None:
     doc.add(Image("kl_vs_size", "Mean KL divergence vs size on disk"))
 
 
+def _overrides(a: Analysis) -> str:
+    return ", ".join(f"{t.value} {o.margin if o.margin is not None else a.decision.margin:g} "
+                     f"{(o.margin_kind or a.decision.margin_kind).value}" for t, o in a.decision.tasks.items())
+
+
 def _plain(v: object) -> str:
     if v is None:
         return d.DASH
@@ -127,7 +132,12 @@ def technical(doc: Document, a: Analysis) -> None:
                  f"({stats.BOOT_RESAMPLES} resamples of items, seed {stats.BOOT_SEED}) for F1, perplexity, every "
                  f"difference interval and every retention interval; Holm correction over all "
                  f"{len(a.comparisons)} paired comparisons in this report; alpha {stats.ALPHA}; MDE at "
-                 f"{stats.POWER:.0%} power. Generation health: {HEALTH_RULE}."))
+                 f"{stats.POWER:.0%} power. Deployment decisions are a separate family: non-inferiority at margin "
+                 f"{a.decision.margin:g} {a.decision.margin_kind.value} (per-task overrides: "
+                 f"{_overrides(a) or 'none'}), one-sided alpha {a.decision.alpha:g} split over the candidate variants "
+                 f"(Bonferroni), no adjustment across one variant's deciding metrics (intersection-union); see the "
+                 f"non-inferiority section for the bounds, the items each task needs and the formula. "
+                 f"Generation health: {HEALTH_RULE}."))
     if a.evaluation:
         keys = ("limit", "limit_mode", "num_fewshot", "chat_template", "seed", "backend", "data")
         doc.add(Table(["task"] + list(keys), [[t] + [_plain(info.get(k)) for k in keys]

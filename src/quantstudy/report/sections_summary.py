@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from quantstudy import stats
+from quantstudy.report import decide
 from quantstudy.report import document as d
 from quantstudy.report.analysis import Analysis, PairKind
 from quantstudy.report.deploy import Deploy
@@ -67,6 +69,7 @@ def summary(doc: Document, a: Analysis, recs: list[Recommendation]) -> None:
         if dep.speedup is not None or dep.speedup_note:
             text += f"; speed-up {speed_text(dep)}"
         out.append(text + ".")
+    out += decision_summary(a)
     flags = [f"{h.model} ({h.source}): {'; '.join(h.flags)}" for h in a.health if h.flags]
     out.append("**Generation health**: " + ("; ".join(flags) if flags else "no pathology flagged") + ".")
     if a.design_mde:
@@ -77,6 +80,66 @@ def summary(doc: Document, a: Analysis, recs: list[Recommendation]) -> None:
                    f"tables), but a 'tie' never means 'equal'.")
     out += [f"Warning: {w}" for w in a.warnings]
     doc.add(Bullets(out))
+
+
+def _units(r: decide.NonInferiority, x: float | None) -> str:
+    return d.DASH if x is None else (f"{100 * x:+.1f}%" if r.relative else d.pts(x))
+
+
+def decision_summary(a: Analysis) -> list[str]:
+    """One bullet: how many deciding metrics each variant passed, and the items each task would need."""
+    rows = [r for r in a.noninferiority if r.deciding]
+    if not rows:
+        return []
+    dc = a.decision
+    passed = ", ".join(f"{name} {sum(r.shown for r in rows if r.other == name)} of "
+                       f"{sum(1 for r in rows if r.other == name)}" for name in dict.fromkeys(r.other for r in rows))
+    need = []
+    for label in dict.fromkeys(r.label for r in rows):
+        ns = sorted(r.n_needed for r in rows if r.label == label and r.n_needed)
+        have = max(r.n for r in rows if r.label == label)
+        span = f"~{ns[0]}" if ns and ns[0] == ns[-1] else f"~{ns[0]}-{ns[-1]}" if ns else "no estimate"
+        need.append(f"{label} {span} (has {have})")
+    return [f"**Non-inferiority** (margin {dc.margin:g} {'pt' if dc.margin_kind.value == 'points' else '%'}, one-sided "
+            f"alpha {dc.alpha:g} split over {len({r.other for r in rows})} variants): deciding metrics shown no worse "
+            f"than the parent: {passed}. Items needed to show it with {dc.power:.0%} power if the true loss is 0: "
+            f"{'; '.join(need)}."]
+
+
+def decision(doc: Document, a: Analysis) -> None:
+    """Every quantized variant vs its parent: the non-inferiority verdict with its bound and margin, and n."""
+    if not a.noninferiority:
+        return
+    dc = a.decision
+    doc.add(Heading(2, "Deployment decision: non-inferiority"))
+    rows = []
+    for r in a.noninferiority:
+        verdict = "**no worse within margin**" if r.shown else "not shown at this n"
+        rows.append([r.other, r.ref, r.label, "yes" if r.deciding else "no", str(r.n), _units(r, r.loss),
+                     _units(r, r.bound), r.margin_note, verdict, d.pct(r.discordance),
+                     decide.needed_text(r), d.DASH if r.n_needed_observed is None else f"~{r.n_needed_observed}"])
+    alpha = a.noninferiority[0].alpha
+    doc.add(Table(["model", "vs", "metric", "deciding", "n", "loss", "loss bound", "margin", "verdict", "discordant",
+                   "items needed (true loss 0)", "if the observed loss is true"], rows,
+                  f"Loss = parent - model (perplexity: model / parent - 1). Loss bound: one-sided "
+                  f"{100 * (1 - alpha):.2f}% upper confidence bound (alpha {dc.alpha:g} split over the "
+                  f"{len({r.other for r in a.noninferiority})} candidate variants); the model is no worse within "
+                  f"the margin only when the bound is below it. Discordant: share of items the two answer "
+                  f"differently. Items needed: for {dc.power:.0%} power; a dash in the last column: no n shows it "
+                  f"if the observed loss is the true one (it exceeds the margin)."))
+    doc.add(Para(NI_NOTE))
+
+
+NI_NOTE = ("*Non-inferiority: right/wrong metrics use Tango's score bound for the difference of paired proportions "
+           "(it stays informative when the two models never disagree, where a bootstrap collapses to [0, 0]); F1 and "
+           "perplexity the paired percentile bootstrap's one-sided bound. A recommendation needs every deciding metric "
+           "to pass (an intersection-union test: no adjustment across the metrics of one variant, each must pass at "
+           "its level); alpha is split over the candidate variants (Bonferroni), so the chance of recommending any "
+           "variant whose true loss exceeds the margin is at most alpha. Items needed (Nam 1997's sample size for "
+           "Tango's test; Connor 1987 for the two-sided superiority analogue): n = (z(1-a)·s0 + z(power)·s1)^2 / "
+           "(margin - true loss)^2, s1^2 = discordance - true loss^2, s0^2 = the variance under loss = margin at the "
+           "restricted MLE; it assumes the observed discordance is the true one and items like these (F1 and "
+           "perplexity: a paired z-test with the observed SD of per-item differences).*")
 
 
 def models_table(doc: Document, a: Analysis) -> None:
@@ -106,11 +169,12 @@ def models_table(doc: Document, a: Analysis) -> None:
 def ranking(doc: Document, a: Analysis, rows: list[RankRow]) -> None:
     doc.add(Heading(2, "Ranking"))
     doc.add(Table(["rank", "model", "mean accuracy", "size on disk", "Pareto front", "better than parent",
-                   "worse than parent"],
+                   "worse than parent", "vs next rank"],
                   [[str(r.rank), r.model, d.pct(r.mean_acc), d.size(r.size_bytes), "yes" if r.pareto else "no",
-                    ", ".join(r.better) or d.DASH, ", ".join(r.worse) or d.DASH] for r in rows],
-                  "Ordered by mean accuracy (point estimate); adjacent ranks are not tested against each other. "
-                  "Better/worse: Holm-significant paired tests against the parent."))
+                    ", ".join(r.better) or d.DASH, ", ".join(r.worse) or d.DASH, r.vs_next or d.DASH] for r in rows],
+                  "Ordered by mean accuracy (point estimate). Vs next rank: distinguishable only where a Holm-"
+                  f"significant paired test on a right/wrong metric (alpha {stats.ALPHA}) separates them; pairs the study "
+                  "does not plan are not tested. Better/worse: Holm-significant paired tests against the parent."))
     doc.add(Image("accuracy_vs_size", "Mean accuracy vs size on disk with the Pareto front"))
 
 
