@@ -23,6 +23,7 @@ on the instruction set, so it is built at every load and never saved.
 from __future__ import annotations
 
 import json
+import struct
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -152,19 +153,59 @@ def _scheme_for(name: str, module: nn.Module, qcfg: Any) -> Any:
     return None
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+_CHUNK = 16 << 20  # bytes read at a time when converting a large float tensor
 
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise QuantStudyError("the packed backend reads safetensors and this model has none", field="model path",
-                              value=str(path), fix="re-save the model with save_pretrained(save_compressed=True) "
-                              "or set evaluate.speed.backend: dense")
-    out: dict[str, torch.Tensor] = {}
-    for f in files:
-        with safe_open(str(f), "pt") as h:
-            out.update({k: h.get_tensor(k) for k in h.keys()})
-    return out
+
+class _Tensors:
+    """The checkpoint's tensors by name, each read on demand with plain file reads.
+
+    Written by hand (the format is an 8-byte header length, a JSON header of name -> dtype, shape,
+    byte range, then the data) because safetensors' own reader memory-maps the file, and every page
+    it touches counts in this process's RSS high-water mark: the peak memory we are measuring.
+    Large float tensors are converted to the target dtype chunk by chunk, so a float32 embedding
+    never exists whole beside its bf16 copy."""
+
+    def __init__(self, path: Path) -> None:
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise QuantStudyError("the packed backend reads safetensors and this model has none", field="model path",
+                                  value=str(path), fix="re-save the model with save_pretrained(save_compressed=True) "
+                                  "or set evaluate.speed.backend: dense")
+        self.index: dict[str, tuple[Path, torch.dtype, list[int], int, int]] = {}
+        for f in files:
+            with open(f, "rb") as h:
+                n = struct.unpack("<Q", h.read(8))[0]
+                header = json.loads(h.read(n))
+            for k, v in header.items():
+                if k != "__metadata__":
+                    b, e = v["data_offsets"]
+                    self.index[k] = (f, _ST_DTYPES[v["dtype"]], v["shape"], 8 + n + b, 8 + n + e)
+
+    def keys(self) -> list[str]:
+        return list(self.index)
+
+    def pop(self, key: str, default: Any = ..., to: torch.dtype | None = None) -> torch.Tensor:
+        if key not in self.index and default is not ...:
+            return default
+        f, dtype, shape, b, e = self.index.pop(key)
+        out_dtype = to if to is not None and dtype.is_floating_point else dtype
+        out = torch.empty(shape, dtype=out_dtype)
+        rows = max(1, _CHUNK // max(1, (e - b) // max(1, shape[0] if shape else 1))) if shape else 1
+        with open(f, "rb", buffering=0) as h:
+            h.seek(b)
+            if out_dtype == dtype or not shape:
+                h.readinto(out.view(-1).view(torch.uint8).numpy())
+                return out
+            row_bytes = (e - b) // shape[0]
+            for i in range(0, shape[0], rows):
+                j = min(shape[0], i + rows)
+                buf = torch.empty((j - i) * row_bytes, dtype=torch.uint8)
+                h.readinto(buf.numpy())
+                out[i:j] = buf.view(dtype).reshape(j - i, *shape[1:])
+        return out
 
 
 def load_packed(path: Path, device: str = "cpu", trust_remote_code: bool = False) -> tuple[Any, Any, PackReport]:
@@ -190,11 +231,11 @@ def load_packed(path: Path, device: str = "cpu", trust_remote_code: bool = False
         del cfg.quantization_config  # we load the weights ourselves; transformers must not decompress
     with init_empty_weights():  # parameters on meta; buffers (rotary inv_freq) real
         model = AutoModelForCausalLM.from_config(cfg, dtype=ACT_DTYPE, trust_remote_code=trust_remote_code)
-    tensors = _read_tensors(path)
+    tensors = _Tensors(path)
     report = PackReport(backend)
     dense: dict[str, torch.Tensor] = {}
-    for prefix in sorted({k.removesuffix(".weight_packed") for k in tensors if k.endswith(".weight_packed")}):
-        parts = {k.removeprefix(prefix + "."): tensors.pop(k) for k in list(tensors) if k.startswith(prefix + ".weight_")}
+    for prefix in sorted({k.removesuffix(".weight_packed") for k in tensors.keys() if k.endswith(".weight_packed")}):
+        parts = {k.removeprefix(prefix + "."): tensors.pop(k) for k in tensors.keys() if k.startswith(prefix + ".weight_")}
         bias = tensors.pop(prefix + ".bias", None)
         module = model.get_submodule(prefix)
         scheme = _scheme_for(prefix, module, qcfg)
@@ -223,10 +264,12 @@ def load_packed(path: Path, device: str = "cpu", trust_remote_code: bool = False
         dense[prefix + ".weight"] = w.to(ACT_DTYPE)
         if bias is not None:
             dense[prefix + ".bias"] = bias
-    dense.update(tensors)
+    for k in tensors.keys():  # the rest (embeddings, norms, unquantized layers): bf16 as each is read
+        dense[k] = tensors.pop(k, to=ACT_DTYPE).to(device)
     missing = {k for k, _ in model.named_parameters()} - set(dense)
     model.load_state_dict({k: v.to(device, ACT_DTYPE) if v.is_floating_point() else v.to(device)
                            for k, v in dense.items()}, strict=False, assign=True)
+    del dense
     model.tie_weights()  # a tied lm_head shares the embedding just assigned
     still_meta = [k for k, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if still_meta:
