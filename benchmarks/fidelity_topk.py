@@ -31,7 +31,8 @@ def topk_error(baseline: str, variant: str, ids: np.ndarray, L: int, ks: list[in
     wins = windows(len(ids), L, L)
     full, bound = [], {k: [] for k in ks}
     t0 = time.perf_counter()
-    for logp, logq in zip(window_logprobs(load(baseline), ids, wins, "cpu"), window_logprobs(load(variant), ids, wins, "cpu")):
+    for (_, _, logp), (_, _, logq) in zip(window_logprobs(load(baseline), ids, wins, "cpu"),
+                                          window_logprobs(load(variant), ids, wins, "cpu")):
         full.append(kl_full(logp, logq))
         for k in ks:
             bound[k].append(kl_topk_tail(*topk_tail(logp, k), logq))

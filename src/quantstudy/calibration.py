@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from quantstudy import chat
 from quantstudy.config import CalibrationConfig, CalibSource, StudyConfig, TaskName
 from quantstudy.errors import QuantStudyError
 from quantstudy.sources import Conversation, load_conversations
@@ -46,16 +47,18 @@ def sample_conversations(pool: list[Conversation], n: int, seed: int, where: str
     return [pool[i] for i in order[:n]]
 
 
-def render(conv: Conversation, tokenizer: Any, chat_template: bool) -> str:
-    """Text the model is calibrated on: the model's own chat template, or plain turns."""
+def render(conv: Conversation, tokenizer: Any, chat_template: bool, chat_kwargs: dict[str, Any] | None = None) -> str:
+    """Text the model is calibrated on: the model's own chat template (with the study's template
+    variables, e.g. enable_thinking), or plain turns."""
     if chat_template and getattr(tokenizer, "chat_template", None):
         add_gen = conv.messages[-1][0] != "assistant"
-        return tokenizer.apply_chat_template(conv.as_dicts(), tokenize=False, add_generation_prompt=add_gen)
+        return chat.render(tokenizer, conv.as_dicts(), chat_kwargs, add_generation_prompt=add_gen)
     return "\n\n".join(c for _, c in conv.messages)
 
 
 def build_calibration(calib: CalibrationConfig, tokenizer: Any, data_dir: Path | None, base: Path,
-                      train_pool: list[Conversation] | None = None) -> CalibrationSet:
+                      train_pool: list[Conversation] | None = None,
+                      chat_kwargs: dict[str, Any] | None = None) -> CalibrationSet:
     """Pick `calib.samples` samples from the configured source and render them."""
     n = int(calib.samples)  # type: ignore[arg-type]  # lists are expanded before this point
     if calib.source == CalibSource.train:
@@ -67,7 +70,7 @@ def build_calibration(calib: CalibrationConfig, tokenizer: Any, data_dir: Path |
     else:
         pool = load_conversations(calib.source.value, data_dir, resolve_path(calib, base))
     chosen = sample_conversations(pool, n, calib.seed, "calibration.samples")
-    texts = [render(c, tokenizer, calib.chat_template) for c in chosen]
+    texts = [render(c, tokenizer, calib.chat_template, chat_kwargs) for c in chosen]
     empty = [c.id for c, t in zip(chosen, texts) if not t.strip()]
     if empty:
         raise QuantStudyError("calibration samples with no text", field="calibration.source", value=empty[:5],

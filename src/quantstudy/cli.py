@@ -57,7 +57,7 @@ def friendly_errors(debug: bool) -> Iterator[None]:
 
 @contextlib.contextmanager
 def open_study(config: Path, data_dir: Optional[Path], debug: bool, lock: bool = True,
-               verbose: bool = False) -> Iterator[object]:
+               verbose: bool = False, planning: bool = False) -> Iterator[object]:
     from quantstudy.config import load_config, study_dir
     from quantstudy.context import RunContext
     from quantstudy.environment import resolve_device
@@ -76,7 +76,12 @@ def open_study(config: Path, data_dir: Optional[Path], debug: bool, lock: bool =
             raise QuantStudyError("data directory not found", field="--data-dir" if data_dir else "data_dir",
                                   value=str(ddir), fix="point it at a folder laid out like ../shared/data, "
                                   "or remove it to read datasets from the Hugging Face hub")
-    device = resolve_device(cfg.device.value)
+    try:
+        device = resolve_device(cfg.device.value)
+    except QuantStudyError:
+        if not planning:
+            raise
+        device = f"{cfg.device.value} (requested; not available on this machine: `run` will stop here)"
     sdir.mkdir(parents=True, exist_ok=True)
     with (study_lock(sdir) if lock else contextlib.nullcontext()), Store(sdir / "store.sqlite") as store:
         yield RunContext(cfg, sdir, cdir, store, ddir, device, out.console, debug, out)
@@ -92,7 +97,7 @@ def plan(config: Path, data_dir: Optional[Path] = DataDir, debug: bool = Debug,
     """Print the expanded plan (variants, cached stages, what will run) without running anything."""
     from quantstudy.study import plan as make_plan
 
-    with friendly_errors(debug), open_study(config, data_dir, debug, lock=False) as ctx:
+    with friendly_errors(debug), open_study(config, data_dir, debug, lock=False, planning=True) as ctx:
         from quantstudy.variants import expand_variants
 
         vt = Table("variant", "method", "calibration", title=f"{ctx.cfg.name}: variants")
@@ -107,6 +112,13 @@ def plan(config: Path, data_dir: Optional[Path] = DataDir, debug: bool = Debug,
             st.add_row(str(i), s.stage, s.model, "[green]cached[/]" if s.cached else "[yellow]will run[/]")
         console.print(st)
         console.print(f"study directory: {ctx.study_dir}; device: {ctx.device}; data: {ctx.data_id}")
+        from quantstudy.models import hub_needs
+
+        needs = hub_needs(ctx.cfg.model.source, ctx.cfg.model.revision, ctx.config_dir, ctx.data_dir)
+        if needs:  # plan works offline; say what `run` will need the hub for, before it gets there
+            console.print("[yellow]needs the Hugging Face hub:[/] " + "; ".join(needs) + ". Offline (HF_HUB_OFFLINE=1 "
+                          "or no network) `run` stops at the first stage that needs it and names it; fix: download "
+                          "once where the hub is reachable, or use a local model directory / .gguf and data_dir")
         if pilot is not None or discordance is not None:  # items needed for the decision (report/decide.py)
             from quantstudy.report.decide import print_plan
 

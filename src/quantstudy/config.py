@@ -78,6 +78,11 @@ class TrainSource(str, Enum):
     jsonl = "jsonl"
 
 
+# apply_chat_template's own arguments, which each call site sets itself
+CHAT_TEMPLATE_RESERVED = {"conversation", "messages", "tokenize", "add_generation_prompt", "continue_final_message",
+                          "return_tensors", "return_dict", "tools", "documents", "chat_template"}
+
+
 # --------------------------------------------------------------------------- sections
 class ModelConfig(Strict):
     """Where the baseline model comes from.
@@ -90,6 +95,23 @@ class ModelConfig(Strict):
     revision: str | None = None
     trust_remote_code: bool = False
     dtype: DType = DType.float32
+    # keyword arguments for the tokenizer's chat template wherever one is rendered (evaluation,
+    # calibration, SFT data, speed prompts), as lm-eval's `chat_template_args`; e.g. Qwen3's
+    # {enable_thinking: false} pre-fills an empty <think></think> block. Tasks may override keys.
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
+    # reasoning block markers (lm-eval's `think_end_token`): generative tasks score the text after
+    # the last end marker and count the tokens before it separately; null scores the whole text
+    think_start_token: str = "<think>"
+    think_end_token: str | None = "</think>"
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _kwargs_are_template_args(cls, v: dict[str, Any]) -> dict[str, Any]:
+        clash = sorted(set(v) & CHAT_TEMPLATE_RESERVED)
+        if clash:  # these are the renderer's own arguments: quantstudy sets them per call site
+            raise ValueError(f"{clash} are set by quantstudy itself; chat_template_kwargs holds template "
+                             "variables only (e.g. enable_thinking)")
+        return v
 
 
 class CalibrationConfig(Strict):
@@ -236,6 +258,23 @@ class TaskSpec(Strict):
     limit: int | None = Field(None, ge=1)
     num_fewshot: int | None = None
     chat_template: bool | None = None  # None = evaluate.chat_template
+    # merged over model.chat_template_kwargs for this task's prompts (task keys win)
+    chat_template_kwargs: dict[str, Any] | None = None
+    # the name results are stored and reported under (default: the task's name); a task listed
+    # twice with different settings (e.g. thinking on/off) needs a distinct alias on each extra entry
+    alias: str | None = None
+
+    @field_validator("alias")
+    @classmethod
+    def _safe_alias(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[a-z0-9][a-z0-9_.-]{0,63}", v):
+            raise ValueError("task alias may use lower-case letters, digits, '_', '.' and '-' only")
+        return v
+
+    @property
+    def key(self) -> str:
+        """Name of this evaluation setting in the store and the report."""
+        return self.alias or self.name.value
 
 
 class SpeedConfig(Strict):
@@ -271,15 +310,17 @@ class EvaluateConfig(Strict):
 
     def task_specs(self) -> list[TaskSpec]:
         out = [t if isinstance(t, TaskSpec) else TaskSpec(name=t) for t in self.tasks]
-        seen = [t.name for t in out]
-        dup = {n.value for n in seen if seen.count(n) > 1}
+        seen = [t.key for t in out]
+        dup = {n for n in seen if seen.count(n) > 1}
         if dup:
-            raise QuantStudyError("a task is listed twice", field="evaluate.tasks", value=sorted(dup),
-                                  fix="list each task once; use a TaskSpec entry for per-task limits")
+            raise QuantStudyError("a task is listed twice under the same name", field="evaluate.tasks",
+                                  value=sorted(dup), fix="list each task once, or give the second entry its own "
+                                  "`alias:` (e.g. gsm8k-think) to evaluate it under other settings")
         return [
             TaskSpec(name=t.name, limit=t.limit if t.limit is not None else self.limit,
                      num_fewshot=t.num_fewshot if t.num_fewshot is not None else self.num_fewshot,
-                     chat_template=t.chat_template if t.chat_template is not None else self.chat_template)
+                     chat_template=t.chat_template if t.chat_template is not None else self.chat_template,
+                     chat_template_kwargs=t.chat_template_kwargs, alias=t.alias)
             for t in out
         ]
 

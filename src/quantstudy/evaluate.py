@@ -21,19 +21,21 @@ from quantstudy.context import RunContext
 from quantstudy.errors import QuantStudyError
 from quantstudy.scoring import GenRequest, LLRequest, Scorer
 from quantstudy.tasks import Item, Kind, Task, build_context, continuation_prefix, get_task, pick_fewshot
+from quantstudy.chat import Think, kwargs_tag, merged_kwargs, render
 from quantstudy.tasks.base import ChatFn, sha
 from quantstudy.faults import failpoint
-
 from quantstudy.progress import make_progress
+
 
 @dataclass(frozen=True)
 class Prompt:
     item: Item
     context: str  # exact text sent to the model (rolling tasks: the text scored)
+    tag: str = ""  # settings that change the result but may not show in the text (chat template kwargs)
 
     @property
     def hash(self) -> str:
-        return sha(self.context)
+        return sha(self.context + "\x00" + self.tag) if self.tag else sha(self.context)
 
 
 def make_scorer(ctx: RunContext, model: Any, tokenizer: Any) -> Scorer:
@@ -65,26 +67,40 @@ def select_items(ctx: RunContext, spec: TaskSpec) -> list[Item]:
     return [items[i] for i in sorted(rnd.sample(range(len(items)), n))]
 
 
-def chat_fn(tokenizer: Any) -> ChatFn:
+def chat_fn(tokenizer: Any, kwargs: dict[str, Any] | None = None) -> ChatFn:
     if not getattr(tokenizer, "chat_template", None):
         raise QuantStudyError("the model's tokenizer has no chat template", field="evaluate.chat_template",
                               value=True, fix="set evaluate.chat_template: false (and no task's chat_template: true) for this model")
-    return lambda msgs: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    return lambda msgs: render(tokenizer, msgs, kwargs)
+
+
+def think_tag(ctx: RunContext, task: Task) -> str:
+    """Reasoning markers in the prompt hash of generative tasks, only when they differ from the
+    defaults (so results stored before they existed stay fresh)."""
+    m = ctx.cfg.model
+    if task.kind is not Kind.generate or (m.think_start_token, m.think_end_token) == ("<think>", "</think>"):
+        return ""
+    return f"think={m.think_start_token}|{m.think_end_token}"
 
 
 def build_prompts(task: Task, items: list[Item], data_dir: Path | None, num_fewshot: int | None, seed: int,
-                  chat: ChatFn | None) -> list[Prompt]:
+                  chat: ChatFn | None, tag: str = "") -> list[Prompt]:
     if task.kind is Kind.rolling:  # perplexity: no prompt, no few-shot, no chat template
         return [Prompt(it, task.rolling_text(it.doc)) for it in items]
     k = task.default_fewshot if num_fewshot is None else num_fewshot
     pools = task.fewshot_docs(data_dir) if k > 0 else {}
     shots = pick_fewshot(task, items, pools, k, seed)
-    return [Prompt(it, build_context(task, it.doc, s, chat)) for it, s in zip(items, shots)]
+    return [Prompt(it, build_context(task, it.doc, s, chat), tag) for it, s in zip(items, shots)]
 
 
 def score_prompts(task: Task, prompts: list[Prompt], scorer: Scorer, max_new_tokens: int,
-                  chat: bool) -> list[st.ItemRecord]:
-    """Score one batch of prompts; latency = batch wall time / items (generation: per request)."""
+                  chat: bool, think: tuple[str, str | None] = ("<think>", "</think>"),
+                  key: str | None = None) -> list[st.ItemRecord]:
+    """Score one batch of prompts; latency = batch wall time / items (generation: per request).
+
+    Generative tasks score the answer after a reasoning block (`think`: start and end markers,
+    end None = no extraction); the block's text and token count go into the item's details.
+    `key` is the name the records are stored under (a task's alias), default the task's name."""
     t0 = time.perf_counter()
     if task.kind is Kind.multiple_choice:
         sep = continuation_prefix(task, chat)
@@ -95,12 +111,17 @@ def score_prompts(task: Task, prompts: list[Prompt], scorer: Scorer, max_new_tok
             recs.append(task.score_choices(p.item, flat[i:i + len(rs)]))
             i += len(rs)
     elif task.kind is Kind.generate:
-        gens = scorer.generate([GenRequest(p.context, task.until, max_new_tokens) for p in prompts])
+        gens = scorer.generate([GenRequest(p.context, task.until, max_new_tokens, Think.for_prompt(*think, p.context))
+                                for p in prompts])
         recs = []
         for p, g in zip(prompts, gens):
-            r = task.score_generation(p.item, g)
+            r = task.score_generation(p.item, g)  # g.text: the answer after any reasoning block
             r.n_tokens, r.hit_max, r.latency_s = g.n_tokens, g.hit_max, g.latency_s
             r.details["max_new_tokens"] = max_new_tokens
+            if g.reasoning is not None:
+                r.details.update(reasoning=g.reasoning, reasoning_tokens=g.reasoning_tokens,
+                                 reasoning_closed=g.reasoning_closed,
+                                 reasoning_hit_max=bool(g.hit_max and not g.reasoning_closed))
             recs.append(r)
     else:
         recs = [task.score_rolling(p.item, r) for p, r in
@@ -108,6 +129,8 @@ def score_prompts(task: Task, prompts: list[Prompt], scorer: Scorer, max_new_tok
     per_item = (time.perf_counter() - t0) / max(1, len(prompts))
     for p, r in zip(prompts, recs):
         r.prompt_hash = p.hash
+        if key and key != r.task:  # a task evaluated under an alias: stored under it, the task kept in details
+            r.task, r.details["task_name"] = key, r.task
         r.details["backend"] = scorer.name
         if r.latency_s is None:
             r.latency_s = per_item
@@ -164,11 +187,14 @@ def evaluate_model(ctx: RunContext, model: st.ModelRecord) -> None:
         for spec in ecfg.task_specs():
             task = get_task(spec.name)
             items = select_items(ctx, spec)
-            chat = chat_fn(lazy.tokenizer()) if spec.chat_template and task.kind is not Kind.rolling else None
-            prompts = build_prompts(task, items, ctx.data_dir, spec.num_fewshot, ecfg.seed, chat)
-            have = {r.item_id: r for _, r in ctx.store.items(model.name, task.name.value)}
+            use_chat = bool(spec.chat_template) and task.kind is not Kind.rolling
+            kwargs = merged_kwargs(ctx.cfg.model.chat_template_kwargs, spec.chat_template_kwargs) if use_chat else {}
+            chat = chat_fn(lazy.tokenizer(), kwargs) if use_chat else None
+            tag = "\x00".join(t for t in (kwargs_tag(kwargs), think_tag(ctx, task)) if t)
+            prompts = build_prompts(task, items, ctx.data_dir, spec.num_fewshot, ecfg.seed, chat, tag)
+            have = {r.item_id: r for _, r in ctx.store.items(model.name, spec.key)}
             todo = [p for p in prompts if not _fresh(have.get(p.item.id), p, task, ecfg.max_new_tokens)]
-            bar = progress.add_task(f"{model.name} · {task.name.value}", total=len(prompts),
+            bar = progress.add_task(f"{model.name} · {spec.key}", total=len(prompts),
                                     completed=len(prompts) - len(todo))
             step = items_per_call(task.kind, ecfg.batch_size)
             if task.kind is Kind.multiple_choice:  # questions with shared prompt prefixes share a call, so
@@ -177,13 +203,14 @@ def evaluate_model(ctx: RunContext, model: st.ModelRecord) -> None:
             t0 = time.perf_counter()
             for b in range(0, len(todo), step):
                 chunk = todo[b:b + step]
-                recs = score_prompts(task, chunk, scorer, ecfg.max_new_tokens, chat is not None)
+                recs = score_prompts(task, chunk, scorer, ecfg.max_new_tokens, chat is not None,
+                                     (ctx.cfg.model.think_start_token, ctx.cfg.model.think_end_token), spec.key)
                 ctx.store.put_items(model.name, recs)
                 failpoint("evaluate-mid")  # tests kill here: the batch is stored, the rest is not
                 have.update((r.item_id, r) for r in recs)
                 progress.advance(bar, len(chunk))
             if todo:  # wall time of this run's scoring (s); a resumed run times only what it scored
-                ctx.store.put_metric(model.name, f"time.eval.{task.name.value}", time.perf_counter() - t0,
+                ctx.store.put_metric(model.name, f"time.eval.{spec.key}", time.perf_counter() - t0,
                                      {"items_scored": len(todo), "items": len(prompts)})
             write_metrics(ctx, model.name, task, spec, [have[p.item.id] for p in prompts])
 
@@ -195,6 +222,25 @@ def write_metrics(ctx: RunContext, model: str, task: Task, spec: TaskSpec, recor
             "num_fewshot": 0 if task.kind is Kind.rolling else k, "chat_template": bool(spec.chat_template) and task.kind is not Kind.rolling,
             "backend": sorted({str(r.details.get("backend")) for r in records}),
             "data": f"offline:{ctx.data_dir}" if ctx.data_dir else f"hub:{task.hub}"}
+    if info["chat_template"]:
+        info["chat_template_kwargs"] = merged_kwargs(ctx.cfg.model.chat_template_kwargs, spec.chat_template_kwargs)
+    if spec.key != task.name.value:
+        info["task"] = task.name.value
+    values = task.aggregate(records)
+    if task.kind is Kind.generate:
+        values.update(reasoning_stats(records))
     with ctx.store.tx():
-        for name, value in task.aggregate(records).items():
-            ctx.store.put_metric(model, f"eval.{task.name.value}.{name}", float(value), info)
+        for name, value in values.items():
+            ctx.store.put_metric(model, f"eval.{spec.key}.{name}", float(value), info)
+
+
+def reasoning_stats(records: list[st.ItemRecord]) -> dict[str, float]:
+    """Reasoning blocks of a generative task: share of responses with one, mean tokens spent in
+    them, and share of all responses whose reasoning was cut by max_new_tokens (no answer)."""
+    n = len(records)
+    think = [r for r in records if "reasoning_tokens" in r.details]
+    if not n or not think:
+        return {}
+    return {"reasoning_share": len(think) / n,
+            "reasoning_tokens_mean": sum(r.details["reasoning_tokens"] for r in think) / len(think),
+            "reasoning_hit_max_share": sum(bool(r.details.get("reasoning_hit_max")) for r in think) / n}

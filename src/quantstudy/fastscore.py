@@ -28,6 +28,7 @@ from lm_eval.models.utils import resolve_max_length
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from quantstudy import kernels, prefixtree
+from quantstudy.chat import cut_at_stops, reasoning_token_count, split_reasoning
 from quantstudy.generation import generate_tokens
 from quantstudy.scoring import GenRequest, GenResult, LLRequest, LLResult, RollingResult
 
@@ -133,14 +134,18 @@ class FastScorer(LMEvalTokens):
                 kw = {"add_special_tokens": False} if bos and requests[chunk[0]].context.startswith(bos) else {}
                 enc = [self.tok.encode(requests[i].context, **kw)[-(self.max_length - max_new):] for i in chunk]
                 t0 = time.perf_counter()
-                gens = generate_tokens(self.model, self.tok, enc, max_new, stops, self.device)
+                gens = generate_tokens(self.model, self.tok, enc, max_new, stops, self.device,
+                                       [requests[i].think for i in chunk])
                 per_req = (time.perf_counter() - t0) / len(chunk)
                 for i, g in zip(chunk, gens):
                     text = self.tok.decode(g.tokens, skip_special_tokens=True)
-                    for term in stops:  # lm-eval's postprocess_generated_text
-                        if term:
-                            text = text.split(term)[0]
-                    out[i] = GenResult(text, len(g.tokens), g.hit_max, per_req)
+                    think = requests[i].think
+                    sp = split_reasoning(text, think)  # lm-eval: reasoning is stripped before stop strings
+                    n_think = 0 if sp.reasoning is None else len(g.tokens) if not sp.closed else \
+                        reasoning_token_count(g.tokens, lambda t: self.tok.decode(t, skip_special_tokens=True),
+                                              think.end)  # type: ignore[union-attr]
+                    out[i] = GenResult(cut_at_stops(sp.answer, stops), len(g.tokens), g.hit_max, per_req,
+                                       sp.reasoning, n_think, sp.closed)
         return out  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ core
@@ -253,22 +258,28 @@ class FastScorer(LMEvalTokens):
             greedy[out] = (logits.argmax(-1)[u] == t).cpu()
         return lp, greedy
 
-    @torch.inference_mode()
     def _head_is_separable(self) -> bool:
-        """True when logits == output_embeddings(decoder(x)), checked in one forward pass with hooks:
-        then the head runs only where a token is scored. False for logit scaling / soft-capping."""
-        try:
-            dec, head = self.model.get_decoder(), self.model.get_output_embeddings()
-        except AttributeError:
-            return False
-        seen: dict[str, torch.Tensor] = {}
-        # (update() returns None: a hook that returns a value would replace the module's output)
-        hooks = [dec.register_forward_hook(lambda m, i, o: seen.update(dec=o if torch.is_tensor(o) else o[0])),
-                 head.register_forward_hook(lambda m, i, o: seen.update(head_in=i[0], head_out=o))]
-        try:
-            logits = self.model(input_ids=torch.tensor([[self.prefix_token_id]], device=self.device)).logits
-        finally:
-            for h in hooks:
-                h.remove()
-        return ("head_out" in seen and seen["dec"].shape == seen["head_in"].shape
-                and torch.equal(seen["dec"], seen["head_in"]) and torch.equal(seen["head_out"], logits))
+        return head_is_separable(self.model, self.prefix_token_id, self.device)
+
+
+@torch.inference_mode()
+def head_is_separable(model: Any, token_id: int, device: str) -> bool:
+    """True when logits == output_embeddings(decoder(x)), checked in one forward pass with hooks:
+    then the head can run only where a token is scored. False for logit scaling / soft-capping."""
+    try:
+        dec, head = model.get_decoder(), model.get_output_embeddings()
+    except AttributeError:
+        return False
+    if dec is None or head is None:
+        return False
+    seen: dict[str, torch.Tensor] = {}
+    # (update() returns None: a hook that returns a value would replace the module's output)
+    hooks = [dec.register_forward_hook(lambda m, i, o: seen.update(dec=o if torch.is_tensor(o) else o[0])),
+             head.register_forward_hook(lambda m, i, o: seen.update(head_in=i[0], head_out=o))]
+    try:
+        logits = model(input_ids=torch.tensor([[token_id]], device=device)).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    return ("head_out" in seen and seen["dec"].shape == seen["head_in"].shape
+            and torch.equal(seen["dec"], seen["head_in"]) and torch.equal(seen["head_out"], logits))

@@ -50,7 +50,14 @@ from quantstudy.context import RunContext
 from quantstudy.errors import QuantStudyError
 from quantstudy.store import ModelRecord
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: log-probs computed in position chunks (window_logprobs)
+# floats per vocabulary-sized buffer: 2**24 = 64 MB, 110 positions at Qwen3's 151,936 tokens, 341 at
+# SmolLM2's 49,152. A whole 512-token window is 311 MB per buffer at 151,936, and the KL arithmetic
+# holds ~4 such buffers at once (logits, log-softmax, the top-k tail's masked copy, its logsumexp).
+# Peak RSS growth of one fidelity run at vocab 151,936 (tests/test_qwen3.py): whole windows 1220 MiB,
+# 64 MB chunks 283 MiB, but 16 MB chunks 1432 MiB: glibc serves blocks under its 32 MB mmap ceiling
+# from the heap, where freed chunks of varying size fragment it; larger blocks go back to the OS.
+HEAD_FLOATS = 1 << 24
 APPROX_NOTE = ("KL over the baseline's top-k tokens plus one tail bucket: a lower bound on the "
                "full-vocabulary KL (log-sum inequality); exact when top_k = vocab size")
 
@@ -112,12 +119,33 @@ def windows(n: int, context_length: int, stride: int) -> list[tuple[int, int, in
 
 
 def window_logprobs(model: Any, ids: np.ndarray, wins: list[tuple[int, int, int]], device: str, progress: Any = None):
-    """Yield log_softmax over the vocab (float32, [stop - first, vocab]) for each window."""
+    """Yield (first, stop, logp): log_softmax over the vocab (float32, [stop - first, vocab]) of the
+    targets ids[first:stop], window by window in chunks of positions.
+
+    Every vocabulary-sized buffer (logits, log-probs, the top-k tail's masked copy) holds at most
+    HEAD_FLOATS floats: a whole 512-token window at Qwen3's 151,936-token vocabulary is 311 MB per
+    buffer, several at once. When the model's logits are its head applied to its decoder's output
+    (checked once, as the fast scorer does) only the decoder runs on the whole window and the head
+    runs per chunk; otherwise (logit scaling, soft-capping) the full logits are computed and only
+    the log-softmax and what follows are chunked.
+    """
+    from quantstudy.fastscore import head_is_separable
+
+    separable = len(ids) > 0 and head_is_separable(model, int(ids[0]), device)
     with torch.inference_mode():
         for begin, first, stop in wins:
             x = torch.as_tensor(ids[begin:stop - 1], device=device)[None]
-            logits = model(input_ids=x, use_cache=False).logits[0, first - 1 - begin:]  # position j predicts j+1
-            yield torch.log_softmax(logits.float(), dim=-1)
+            if separable:  # [targets, d_model]; position j predicts j + 1
+                hidden = model.get_decoder()(input_ids=x, use_cache=False).last_hidden_state[0, first - 1 - begin:]
+                head = model.get_output_embeddings()
+            else:
+                hidden = model(input_ids=x, use_cache=False).logits[0, first - 1 - begin:]
+                head = None
+            vocab = model.get_output_embeddings().weight.shape[0] if separable else hidden.shape[-1]
+            rows = max(1, HEAD_FLOATS // vocab)
+            for s in range(0, stop - first, rows):
+                logits = hidden[s:s + rows] if head is None else head(hidden[s:s + rows])
+                yield first + s, min(first + s + rows, stop), torch.log_softmax(logits.float(), dim=-1)
             if progress is not None:
                 progress()
 
@@ -188,7 +216,7 @@ def baseline_cache(ctx: RunContext, baseline: ModelRecord, ids: np.ndarray, fcfg
     parts: dict[str, list[np.ndarray]] = {"idx": [], "logp_k": [], "logp_tail": [], "logp_gold": []}
     prog, step = _progress(ctx, f"fidelity: baseline {baseline.name}", len(wins))
     with prog:
-        for (_, first, end), logp in zip(wins, window_logprobs(model, ids, wins, ctx.device, step)):
+        for first, end, logp in window_logprobs(model, ids, wins, ctx.device, step):
             idx, vals, tail = topk_tail(logp, fcfg.top_k)
             gold = torch.as_tensor(ids[first:end], device=logp.device)[:, None]
             for name, t in (("idx", idx.int()), ("logp_k", vals), ("logp_tail", tail),
@@ -214,7 +242,7 @@ def variant_pass(ctx: RunContext, model: Any, ids: np.ndarray, base: dict[str, n
     kl, agree, logq_gold, at = [], [], [], 0
     prog, step = _progress(ctx, f"fidelity: {label}", len(wins))
     with prog:
-        for (_, first, end), logq in zip(wins, window_logprobs(model, ids, wins, ctx.device, step)):
+        for first, end, logq in window_logprobs(model, ids, wins, ctx.device, step):
             if logq.shape[-1] != int(base["vocab"]):
                 raise QuantStudyError(f"{label} has a different vocabulary size than its baseline",
                                       value=[logq.shape[-1], int(base["vocab"])],

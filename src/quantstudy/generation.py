@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from quantstudy.chat import Think, split_reasoning
+
 
 @dataclass
 class Generation:
@@ -19,12 +21,14 @@ class Generation:
 
 @torch.inference_mode()
 def generate_tokens(model: Any, tok: Any, prompts: list[list[int]], max_new: int, stops: list[str],
-                    device: str = "cpu") -> list[Generation]:
+                    device: str = "cpu", thinks: list[Think | None] | None = None) -> list[Generation]:
     """Greedy decoding of a left-padded batch with a KV cache.
 
     Each sequence stops at EOS or at its first stop string (checked on the decoded text, as
     lm-eval's stopping criteria do); a stopped sequence is dropped from the batch and its
-    cache rows with it, so it costs no further compute.
+    cache rows with it, so it costs no further compute. With reasoning markers (`thinks`, one per
+    prompt) stop strings are looked for only in the answer after the reasoning block: a reasoning
+    trace often contains them ("Question:", blank lines), and cutting it there loses the answer.
     """
     from transformers import DynamicCache
 
@@ -51,7 +55,8 @@ def generate_tokens(model: Any, tok: Any, prompts: list[list[int]], max_new: int
         keep = []
         for r, (b, t) in enumerate(zip(live, nxt.tolist())):
             out[b].append(t)
-            stopped = t in eos or any(s in tok.decode(out[b]) for s in stops)
+            answer = split_reasoning(tok.decode(out[b]), thinks[b] if thinks else None).answer
+            stopped = t in eos or any(s in answer for s in stops)
             if stopped or step == max_new - 1:
                 res[b] = Generation(out[b], not stopped, ttft, time.perf_counter() - t0)
             else:

@@ -17,6 +17,7 @@ from typing import Any
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
+from quantstudy.chat import cut_at_stops, reasoning_token_count, split_reasoning
 from quantstudy.scoring import GenRequest, GenResult, LLRequest, LLResult, RollingResult
 
 
@@ -76,6 +77,11 @@ class LMEvalScorer:
             self.lm.batch_size_per_gpu = old
 
     def generate(self, requests: list[GenRequest]) -> list[GenResult]:
+        ends = {r.think.end if r.think else None for r in requests}
+        if len(ends) > 1:
+            raise ValueError(f"one generate call with different reasoning end markers: {ends}")
+        # HFLM's own think_end_token: it strips the reasoning before applying stop strings
+        self.lm.think_end_token = ends.pop() if ends else None
         hook = _Hook(self.lm)
         self.lm.cache_hook, self.lm._rows = hook, deque()
         inst = [Instance("generate_until", {}, (r.context, {"until": list(r.until), "max_gen_toks": r.max_new_tokens,
@@ -91,5 +97,13 @@ class LMEvalScorer:
             stopped = any(s and s in raw for s in r.until) or n < len(row)
             # count the tokens kept: the text up to the stop string, re-encoded
             kept = len(self.tok.encode(text, add_special_tokens=False)) if text != raw else n
-            out.append(GenResult(text, kept, not stopped and n >= budget, latency))
+            sp = split_reasoning(raw, r.think)
+            n_think = 0 if sp.reasoning is None else n if not sp.closed else reasoning_token_count(
+                row[:n], lambda t: self.tok.decode(t, skip_special_tokens=True), r.think.end)  # type: ignore[union-attr]
+            if sp.reasoning is not None:  # lm-eval's text lost the reasoning: count the tokens kept from raw
+                after = raw[len(sp.reasoning):]
+                cut = cut_at_stops(after, r.until)
+                kept = n if sp.unfinished or cut == after else n_think + len(self.tok.encode(cut, add_special_tokens=False))
+            out.append(GenResult("" if sp.unfinished else text, kept, not stopped and n >= budget, latency,
+                                 sp.reasoning, n_think, sp.closed))
         return out

@@ -24,6 +24,7 @@ from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from quantstudy.chat import render
 from quantstudy.context import RunContext
 from quantstudy.models import weights_size
 from quantstudy.store import ModelRecord
@@ -84,8 +85,7 @@ def _bench(job: dict[str, Any], out: Any) -> None:
     model, tok = load_pretrained(Path(job["path"]), device=job["device"], dtype=job["dtype"],
                                  trust_remote_code=job["trust_remote_code"])
     chat = bool(getattr(tok, "chat_template", None))
-    ids = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                              add_generation_prompt=True), add_special_tokens=False)
+    ids = [tok.encode(render(tok, [{"role": "user", "content": p}], job.get("chat_kwargs")), add_special_tokens=False)
            if chat else tok.encode(p) for p in job["prompts"]]
     for _ in range(job["warmup"]):  # first calls pay one-off costs (allocator, kernels, caches)
         generate_tokens(model, tok, [ids[0]], job["max_new_tokens"], [], job["device"])
@@ -138,6 +138,7 @@ def measure_model(ctx: RunContext, model: ModelRecord) -> None:
     prompts = speed_prompts(ctx, speed.prompts)
     job = {"path": model.path, "device": ctx.device, "dtype": ctx.cfg.model.dtype.value,
            "trust_remote_code": ctx.cfg.model.trust_remote_code, "prompts": prompts,
+           "chat_kwargs": ctx.cfg.model.chat_template_kwargs,
            "max_new_tokens": speed.max_new_tokens, "warmup": speed.warmup}
     res = _run_child(ctx, job, model.name)
     stats = [GenStat(**s) for s in res["stats"]]

@@ -248,3 +248,20 @@ def load_pretrained(path: Path, device: str = "cpu", dtype: str = "float32",
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model, tok
+
+
+def hub_needs(source: str, revision: str | None, base: Path, data_dir: Path | None) -> list[str]:
+    """What a run of this study would fetch from the Hugging Face hub (for `plan`, which runs nothing).
+
+    A hub model counts when no snapshot of it is in the local cache (a cached `config.json` is the
+    cheapest check that needs no network); datasets count when no data_dir is set."""
+    out = []
+    if classify(source, base) == SourceKind.hub:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(source, "config.json", revision=revision)
+        if not isinstance(cached, str):
+            out.append(f"model {source} (not in the local Hugging Face cache)")
+    if data_dir is None:
+        out.append("datasets (no data_dir: evaluation, calibration and training data come from the hub)")
+    return out

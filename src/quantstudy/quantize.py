@@ -112,6 +112,12 @@ class LayerReport:
     def __init__(self) -> None:
         self.rows: dict[str, dict[str, float]] = {}
         self._current: str | None = None
+        # AWQ smoothing mappings llm-compressor resolved but did not apply: smooth layer -> why.
+        # GQA models (SmolLM2, Qwen3) skip v_proj -> o_proj in every layer: v_proj's output
+        # (kv heads x head_dim) is narrower than o_proj's input (heads x head_dim), so one scale
+        # vector cannot be folded from one into the other.
+        self.awq_skipped: dict[str, str] = {}
+        self.awq_skipped_count = 0  # from llm-compressor's own "N mappings were skipped" warning
 
     def sink(self, message: Any) -> None:
         r = message.record
@@ -121,6 +127,10 @@ class LayerReport:
         elif r["level"].name == "METRIC" and self._current:
             if m := re.match(r"(time|error) ([0-9.eE+-]+)s?$", text):
                 self.rows.setdefault(self._current, {})[m.group(1)] = float(m.group(2))
+        elif m := re.match(r"Skipping (\S+) for mapping .* because (.+?)\.?$", text):
+            self.awq_skipped[m.group(1)] = m.group(2)
+        elif m := re.match(r"(\d+) mappings were skipped due to incompatible shapes", text):
+            self.awq_skipped_count += int(m.group(1))
         elif text.startswith("AWQ per-mapping error metrics: "):
             try:
                 data = ast.literal_eval(text.split(": ", 1)[1])  # a dict of plain numbers and names
@@ -142,7 +152,7 @@ class LayerReport:
 
 
 def run_oneshot(model: Any, tokenizer: Any, v: Variant, dataset: Any | None, max_seq_len: int,
-                out_dir: Path) -> tuple[dict[str, dict[str, float]], float]:
+                out_dir: Path, report: LayerReport | None = None) -> tuple[dict[str, dict[str, float]], float]:
     """Quantize `model` in place with llm-compressor and save it compressed to `out_dir`.
 
     Returns (per-layer report, seconds spent in oneshot). The save goes to a temp dir that is
@@ -150,7 +160,7 @@ def run_oneshot(model: Any, tokenizer: Any, v: Variant, dataset: Any | None, max
     """
     from llmcompressor import oneshot
 
-    report = LayerReport()
+    report = report or LayerReport()
     kwargs: dict[str, Any] = {}
     if dataset is not None:
         kwargs = dict(dataset=dataset, num_calibration_samples=len(dataset), max_seq_length=max_seq_len,
@@ -191,12 +201,14 @@ def quantize_model(ctx: Any, v: Variant, parent: Any, name: str, out_dir: Path) 
                 from quantstudy.train import plan_samples
 
                 train_pool = plan_samples(ctx)[0]  # the exact samples the model was trained on
-            calib = build_calibration(v.calibration, tok, ctx.data_dir, ctx.config_dir, train_pool)
+            calib = build_calibration(v.calibration, tok, ctx.data_dir, ctx.config_dir, train_pool,
+                                      ctx.cfg.model.chat_template_kwargs)
             dataset = tokenize(calib, tok, v.calibration.max_seq_len)
             ctx.console.print(f"  calibration: {len(calib.ids)} {v.calibration.source.value} samples, "
                               f"<= {v.calibration.max_seq_len} tokens each, seed {v.calibration.seed}")
+        report = LayerReport()
         rows, seconds = run_oneshot(model, tok, v, dataset,
-                                    v.calibration.max_seq_len if v.calibration else 0, out_dir)
+                                    v.calibration.max_seq_len if v.calibration else 0, out_dir, report)
         del model
     store = ctx.store
     if calib is not None:
@@ -205,12 +217,20 @@ def quantize_model(ctx: Any, v: Variant, parent: Any, name: str, out_dir: Path) 
     store.put_metric(name, "quantize.seconds", seconds, {"what": "llm-compressor oneshot wall time",
                                                          "device": ctx.device})
     store.put_metric(name, "quantize.peak_rss_bytes", peak.bytes, peak.info())
+    if v.method == Method.awq:  # how many smoothing mappings applied, and which were skipped and why
+        skipped = max(report.awq_skipped_count, len(report.awq_skipped))
+        store.put_metric(name, "quantize.awq_mappings_applied", float(len(rows)), {"mappings": sorted(rows)})
+        store.put_metric(name, "quantize.awq_mappings_skipped", float(skipped), {"skipped": report.awq_skipped})
+        if skipped:
+            ctx.console.print(f"  AWQ: {len(rows)} smoothing mappings applied, {skipped} skipped "
+                              f"({'; '.join(sorted(set(report.awq_skipped.values()))) or 'incompatible shapes'})")
     spec = {"method": v.method.value, "bits": v.bits, "group_size": v.group_size, "symmetric": v.symmetric,
             "ignore": list(v.ignore), "describe": v.describe(),
             "calibration": None if v.calibration is None else {
                 "source": v.calibration.source.value, "samples": v.calibration.samples,
                 "max_seq_len": v.calibration.max_seq_len, "seed": v.calibration.seed,
                 "chat_template": v.calibration.chat_template,
+                "chat_template_kwargs": ctx.cfg.model.chat_template_kwargs if v.calibration.chat_template else None,
                 "fingerprint": calib.fingerprint if calib else None},
             "gptq": v.gptq.model_dump() if v.method == Method.gptq else None,
             "awq": v.awq.model_dump() if v.method == Method.awq else None,

@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from quantstudy.chat import Think
+
 
 @dataclass(frozen=True)
 class LLRequest:
@@ -34,6 +36,7 @@ class GenRequest:
     context: str
     until: tuple[str, ...]  # stop strings; generation is cut before the first one
     max_new_tokens: int
+    think: Think | None = None  # reasoning markers: stops apply after the block, the answer is what follows it
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,9 @@ class GenResult:
     n_tokens: int  # tokens generated (before cutting at a stop string)
     hit_max: bool  # stopped because max_new_tokens was reached
     latency_s: float  # wall time attributed to this request (batch time / batch size)
+    reasoning: str | None = None  # the reasoning block (GenRequest.think), None when the response has none
+    reasoning_tokens: int = 0  # generated tokens up to and including the end marker (all of them if unclosed)
+    reasoning_closed: bool = False  # the end marker was generated
 
 
 @dataclass(frozen=True)

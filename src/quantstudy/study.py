@@ -67,20 +67,26 @@ def plan(ctx: RunContext) -> list[Step]:
     check_held_out(cfg, [(f"quantize: {v.name}: calibration.source", v.calibration) for v in variants
                          if v.calibration is not None], offline=ctx.data_dir is not None)
     steps = [Step("resolve", BASE, key_of("resolve", source_fingerprint(ctx), m_dtype(ctx)))]
+    # model-level chat template variables and reasoning markers shape what later stages render and
+    # score; they join those keys only when set, so keys of studies that predate them do not change
+    tpl = [cfg.model.chat_template_kwargs] if cfg.model.chat_template_kwargs else []
+    think = [] if (cfg.model.think_start_token, cfg.model.think_end_token) == ("<think>", "</think>") else \
+        [cfg.model.think_start_token, cfg.model.think_end_token]
     roots = [(BASE, steps[0].key)]
     if cfg.train is not None:
-        steps.append(Step("train", TRAINED, key_of("train", steps[0].key, cfg.train, versions), parents=[BASE]))
+        steps.append(Step("train", TRAINED, key_of("train", steps[0].key, cfg.train, versions, *tpl), parents=[BASE]))
         roots.append((TRAINED, steps[-1].key))
     for root, root_key in roots:
         for v in variants:
             name = v.name if root == BASE else f"{TRAINED}-{v.name}"
-            steps.append(Step("quantize", name, key_of("quantize", root_key, v, versions), parents=[root]))
+            steps.append(Step("quantize", name, key_of("quantize", root_key, v, versions, *tpl), parents=[root]))
     model_keys = {s.model: s.key for s in steps}
     for name, mkey in list(model_keys.items()):
         if cfg.evaluate is not None:
-            steps.append(Step("evaluate", name, key_of("evaluate", mkey, cfg.evaluate, ctx.data_id, versions)))
+            steps.append(Step("evaluate", name, key_of("evaluate", mkey, cfg.evaluate, ctx.data_id, versions,
+                                                       *tpl, *think)))
             if cfg.evaluate.speed is not None:
-                steps.append(Step("measure", name, key_of("measure", mkey, cfg.evaluate.speed, versions)))
+                steps.append(Step("measure", name, key_of("measure", mkey, cfg.evaluate.speed, versions, *tpl)))
     if cfg.fidelity is not None:
         for s in [s for s in steps if s.stage == "quantize"]:
             parent = s.parents[0]

@@ -104,7 +104,8 @@ def lora_config(cfg: TrainConfig) -> Any:
 
 
 def run_sft(model: Any, tok: Any, samples: list[Conversation], cfg: TrainConfig, args: Any,
-            console: Console, label: str = "SFT", resume: str | None = None) -> Any:
+            console: Console, label: str = "SFT", resume: str | None = None,
+            chat_kwargs: dict[str, Any] | None = None) -> Any:
     """Train in place with SFTTrainer (from checkpoint `resume` if given); returns the trainer
     (its .model is a PeftModel for LoRA)."""
     import datasets
@@ -116,7 +117,7 @@ def run_sft(model: Any, tok: Any, samples: list[Conversation], cfg: TrainConfig,
     if chat and not getattr(tok, "chat_template", None):
         raise QuantStudyError("the model's tokenizer has no chat template", field="train.chat_template", value=True,
                               fix="set `train.chat_template: false` to train on plain 'Question:/Answer:' text")
-    ds = Dataset.from_list(train_data.as_records(samples, chat))
+    ds = Dataset.from_list(train_data.as_records(samples, chat, chat_kwargs))
     bars = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # TRL's tokenizing passes take < 1 s; our bar shows the training
     try:
@@ -146,7 +147,7 @@ def merge_adapter(base: Any, trained: Any) -> Any:
 
 def fit(model_dir: Path, samples: list[Conversation], cfg: TrainConfig, device: str, console: Console,
         work: Path, resume: str | None = None, label: str = "SFT", trust_remote_code: bool = False,
-        **overrides: Any) -> tuple[Any, Any, Any]:
+        chat_kwargs: dict[str, Any] | None = None, **overrides: Any) -> tuple[Any, Any, Any]:
     """Train the model in `model_dir`; returns (trainer, merged float32 model, tokenizer)."""
     args = sft_args(cfg, work, device, **overrides)
     lora = cfg.method == TrainMethod.lora
@@ -156,7 +157,7 @@ def fit(model_dir: Path, samples: list[Conversation], cfg: TrainConfig, device: 
     frozen_bf16 = lora and bool(args.bf16)
     model, tok = models.load_pretrained(model_dir, dtype="bfloat16" if frozen_bf16 else "float32",
                                         trust_remote_code=trust_remote_code)
-    trainer = run_sft(model, tok, samples, cfg, args, console, label, resume)
+    trainer = run_sft(model, tok, samples, cfg, args, console, label, resume, chat_kwargs)
     if not lora:
         return trainer, trainer.model, tok
     if not frozen_bf16:
@@ -237,6 +238,7 @@ def train_model(ctx: RunContext, base: ModelRecord, out_dir: Path, name: str = "
     with track_peak_memory(ctx.device) as mem:
         trainer, merged, tok = fit(Path(base.path), samples, cfg, ctx.device, ctx.console, work, resume,
                                    trust_remote_code=ctx.cfg.model.trust_remote_code,
+                                   chat_kwargs=ctx.cfg.model.chat_template_kwargs,
                                    save_strategy="steps", save_steps=0.2, save_total_limit=1)
     seconds = time.perf_counter() - t0
     args = trainer.args

@@ -105,10 +105,14 @@ def train_hashes(samples: Iterable[Conversation]) -> dict[str, str]:
     return {h: c.id for c in samples for h in prompt_hashes(c)}
 
 
-def as_records(samples: list[Conversation], chat: bool) -> list[dict[str, Any]]:
-    """TRL prompt/completion rows: conversational (rendered by the chat template) or plain text."""
+def as_records(samples: list[Conversation], chat: bool, chat_kwargs: dict[str, Any] | None = None
+               ) -> list[dict[str, Any]]:
+    """TRL prompt/completion rows: conversational (rendered by the chat template) or plain text.
+    `chat_kwargs` (model.chat_template_kwargs) ride along in TRL's per-row `chat_template_kwargs`
+    column, which SFTTrainer passes to apply_chat_template when it tokenizes the row."""
     if chat:
-        return [{"prompt": c.as_dicts()[:-1], "completion": c.as_dicts()[-1:]} for c in samples]
+        extra = {"chat_template_kwargs": dict(chat_kwargs)} if chat_kwargs else {}
+        return [{"prompt": c.as_dicts()[:-1], "completion": c.as_dicts()[-1:], **extra} for c in samples]
     # Without a chat template: lm-eval's "Question: ...\nAnswer:" shape, so the trained model
     # answers in the format plain-prompt evaluation uses. TRL appends EOS to the completion.
     out = []

@@ -43,6 +43,12 @@ class Health:
     empty_share: float | None
     mean_tokens: float | None
     flags: list[str] = field(default_factory=list)
+    # responses with a reasoning block (<think>...</think>): their share, mean tokens spent in the block,
+    # the share of all responses whose reasoning hit max_new_tokens (no answer), and one answer read after it
+    reasoning_share: float | None = None
+    reasoning_tokens: float | None = None
+    reasoning_hit_max_share: float | None = None
+    answer_example: str | None = None
 
 
 @dataclass
@@ -122,6 +128,14 @@ def health_rows(model: str, items: dict[str, list[ItemRecord]], metrics: dict[st
             empty = sum(map(_empty, answerable)) / len(answerable) if answerable else None
             rows.append(Health(model, task, len(gen), sum(bool(r.hit_max) for r in gen) / len(gen), empty,
                                sum(r.n_tokens for r in gen) / len(gen)))
+            think = [r for r in gen if "reasoning_tokens" in r.details]
+            if think:
+                h = rows[-1]
+                h.reasoning_share = len(think) / len(gen)
+                h.reasoning_tokens = sum(r.details["reasoning_tokens"] for r in think) / len(think)
+                h.reasoning_hit_max_share = sum(bool(r.details.get("reasoning_hit_max")) for r in gen) / len(gen)
+                h.answer_example = next((str(r.details.get("text", "")) for r in think
+                                         if r.details.get("reasoning_closed")), None)
     bench = [_metric(metrics, k) for k in ("speed.hit_max_share", "speed.empty_share", "speed.tokens_per_response")]
     if any(v is not None for v in bench):
         rows.append(Health(model, SPEED, None, *bench))

@@ -76,13 +76,14 @@ def load_items(store: Store) -> dict[str, dict[str, list[ItemRecord]]]:
 def task_metrics(task: str, items: list[ItemRecord]) -> list[Metric]:
     """The metrics a task's items support, primary first."""
     out = []
+    base = next((str(r.details["task_name"]) for r in items if "task_name" in r.details), task)  # an alias's task
     if any(r.correct is not None for r in items):
-        out.append(Metric(task, _BINARY_NAME.get(task, "acc"), Kind.binary))
+        out.append(Metric(task, _BINARY_NAME.get(base, "acc"), Kind.binary))
     if any(r.score is not None for r in items):
         if any("n_words" in r.details for r in items):
             out.append(Metric(task, "word_perplexity", Kind.perplexity))
         else:
-            out.append(Metric(task, "f1" if task == "squad_v2" else "score", Kind.mean))
+            out.append(Metric(task, "f1" if base == "squad_v2" else "score", Kind.mean))
     return out
 
 

@@ -140,6 +140,8 @@ def technical(doc: Document, a: Analysis) -> None:
                  f"Generation health: {HEALTH_RULE}."))
     if a.evaluation:
         keys = ("limit", "limit_mode", "num_fewshot", "chat_template", "seed", "backend", "data")
+        if any(info.get("chat_template_kwargs") for info in a.evaluation.values()):  # only when a study sets them
+            keys = keys[:4] + ("chat_template_kwargs",) + keys[4:]
         doc.add(Table(["task"] + list(keys), [[t] + [_plain(info.get(k)) for k in keys]
                                               for t, info in sorted(a.evaluation.items())],
                       "How each task was evaluated, as recorded by the evaluation stage."))

@@ -96,3 +96,13 @@ def health(doc: Document, a: Analysis) -> None:
                   [[h.model, h.source, d.DASH if h.n is None else str(h.n), d.pct(h.hit_max_share),
                     d.pct(h.empty_share), d.num(h.mean_tokens, 1), "; ".join(h.flags) or "ok"] for h in a.health],
                   f"Generative evaluation items and the speed benchmark's prompts; {HEALTH_RULE}."))
+    think = [h for h in a.health if h.reasoning_share is not None]
+    if think:  # thinking models: tokens spent reasoning, and what was scored (the text after the block)
+        doc.add(Table(["model", "task", "with reasoning", "mean reasoning tokens", "reasoning hit max_new_tokens",
+                       "an answer read after the block"],
+                      [[h.model, h.source, d.pct(h.reasoning_share), d.num(h.reasoning_tokens, 1),
+                        d.pct(h.reasoning_hit_max_share),
+                        d.DASH if h.answer_example is None else repr(h.answer_example[:60])] for h in think],
+                      "Responses that opened a reasoning block (model.think_start_token/think_end_token): the answer "
+                      "is scored on the text after the block; a response whose reasoning hit max_new_tokens has no "
+                      "answer (scored wrong); mean tokens/response above includes the reasoning."))
