@@ -359,6 +359,9 @@ def test_damaged_made_model_is_named_and_remade(root, monkeypatch):
     truncate_weights(variant)
     out = " ".join(run_cli("run", str(p)).split())
     assert "rtn-w4g32" in out and "damaged or truncated" in out and "delete it and run again" in out
+    log = root / "out-fid" / "logs" / "fidelity-rtn-w4g32.log"  # the failed stage names its library log
+    assert "fidelity rtn-w4g32 failed after" in out, out
+    assert f"the libraries' output is in {log}" in out and log.is_file(), out
     import shutil
 
     shutil.rmtree(variant)

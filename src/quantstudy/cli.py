@@ -95,6 +95,7 @@ def plan(config: Path, data_dir: Optional[Path] = DataDir, debug: bool = Debug,
                                                      "task from a stated share of items the variant answers differently")
          ) -> None:
     """Print the expanded plan (variants, cached stages, what will run) without running anything."""
+    from quantstudy import estimate
     from quantstudy.study import plan as make_plan
 
     with friendly_errors(debug), open_study(config, data_dir, debug, lock=False, planning=True) as ctx:
@@ -106,11 +107,16 @@ def plan(config: Path, data_dir: Optional[Path] = DataDir, debug: bool = Debug,
             vt.add_row(v.name, v.describe(), "-" if c is None else f"{c.samples} x <= {c.max_seq_len} tokens, "
                        f"{c.source.value}, seed {c.seed}")
         console.print(vt)
-        st = Table("#", "stage", "model", "status", title="stages")
+        st = Table("#", "stage", "model", "status", "~time", title="stages")
         steps = make_plan(ctx)
-        for i, s in enumerate(steps, 1):
-            st.add_row(str(i), s.stage, s.model, "[green]cached[/]" if s.cached else "[yellow]will run[/]")
+        secs = estimate.stage_seconds(ctx, steps)
+        for i, (s, sec) in enumerate(zip(steps, secs), 1):
+            st.add_row(str(i), s.stage, s.model, "[green]cached[/]" if s.cached else "[yellow]will run[/]",
+                       "" if s.cached else estimate.rough(sec))
         console.print(st)
+        params, how = estimate.model_params(ctx)
+        console.print(f"estimated run time: {estimate.rough(sum(secs))} for {sum(not s.cached for s in steps)} stage(s); "
+                      f"model {params / 1e6:.0f}M parameters ({how}); {estimate.NOTE}", highlight=False)
         console.print(f"study directory: {ctx.study_dir}; device: {ctx.device}; data: {ctx.data_id}")
         from quantstudy.models import hub_needs
 
