@@ -38,9 +38,10 @@ def test_summarize_counts_by_hand():
     assert s["latency_p95_s"] == pytest.approx(np.percentile([1.0, 0.5, 0.1, 2.4], 95))
 
 
-def _ctx(tmp_path: Path, data_dir: Path, prompts: int, max_new: int) -> RunContext:
+def _ctx(tmp_path: Path, data_dir: Path, prompts: int, max_new: int, rounds: int = 1) -> RunContext:
     cfg = parse_config({"name": "m", "model": {"source": "x"},
-                        "evaluate": {"speed": {"prompts": prompts, "max_new_tokens": max_new, "warmup": 1}}})
+                        "evaluate": {"speed": {"prompts": prompts, "max_new_tokens": max_new, "warmup": 1,
+                                                      "rounds": rounds}}})
     return RunContext(cfg=cfg, study_dir=tmp_path, config_dir=tmp_path, store=Store(tmp_path / "s.sqlite"),
                       data_dir=data_dir, device="cpu", console=Console(quiet=True))
 
@@ -103,15 +104,113 @@ def test_measure_model_writes_labelled_metrics(tmp_path):
     ctx = _ctx(tmp_path, _sharegpt(tmp_path, prompts), prompts=3, max_new=6)
     measure_model(ctx, ModelRecord("base", "baseline", str(model_dir)))
     m = {name: (value, info) for _, name, value, info in ctx.store.metrics("base")}
-    for key in ("latency_mean_s", "latency_p50_s", "latency_p95_s", "ttft_mean_s", "tokens_per_response",
-                "tokens_per_s", "hit_max_share", "empty_share"):
-        value, info = m[f"speed.{key}"]
-        assert info["backend"] == "transformers-cpu" and info["weights"] == "decompressed"
-        assert info["n_prompts"] == 3 and info["max_new_tokens"] == 6 and info["device"] == "cpu"
-    ref = summarize(want)
+    for prefix, dtype in (("", "bfloat16"), ("float32.", "float32")):
+        for key in ("latency_mean_s", "latency_p50_s", "latency_p95_s", "ttft_mean_s", "tokens_per_response",
+                    "tokens_per_s", "hit_max_share", "empty_share", "prefill_s", "batch_tokens_per_s"):
+            value, info = m[f"speed.{prefix}{key}"]
+            assert info["backend"] == "transformers-dense" and info["weights"] == "dense"
+            assert info["activation_dtype"] == dtype and info["rounds"] == 1
+            assert info["n_prompts"] == 3 and info["max_new_tokens"] == 6 and info["device"] == "cpu"
+    assert m["speed.batch_tokens_per_s"][1]["batch_size"] == 3  # speed.batch 8 > 3 prompts: one batch of 3
+    ref = summarize(want)  # HF generate in float32: the float32 side must match it exactly
     for key in ("tokens_per_response", "hit_max_share", "empty_share"):
-        assert m[f"speed.{key}"][0] == pytest.approx(ref[key]), key
+        assert m[f"speed.float32.{key}"][0] == pytest.approx(ref[key]), key
     assert 0 < m["speed.ttft_mean_s"][0] <= m["speed.latency_mean_s"][0]
     peak, info = m["memory.peak_bytes"]
     assert "RSS" in info["measured"] and peak > info["rss_before_load_bytes"] > 0
+    # resident weights: bf16 parameters take half the float32 bytes
+    assert m["memory.resident_weights_bytes"][0] < 0.6 * m["memory.float32.resident_weights_bytes"][0]
     assert m["memory.weights_bytes"][0] == weights_size(model_dir) > 0
+
+
+def _side(rates: list[float], others: float, tokens: int = 20, rounds: int = 3) -> dict:
+    """A measured side with known per-prompt decode rates (tokens/s) in every round."""
+    # ttft 0.1 s, then `tokens - 1` more tokens at `r` tokens/s
+    return {"per_round": [[(tokens, 0.1 + (tokens - 1) / r, 0.1) for r in rates] for _ in range(rounds)], "threads": 1,
+            "other_cpu_cores": others, "load_1m": [0.5] * rounds, "rounds": rounds}
+
+
+def test_paired_ratio_recovers_a_known_speedup_and_refuses_a_busy_machine():
+    from quantstudy.interleave import cores, paired_ratio
+
+    rng = np.random.default_rng(0)
+    parent_rates = list(rng.uniform(10, 30, 8))
+    model_rates = [2.0 * r * f for r, f in zip(parent_rates, rng.uniform(0.9, 1.1, 8))]  # true speed-up ~2
+    quiet = paired_ratio(_side(parent_rates, 0.0), _side(model_rates, 0.05))
+    # ratio of pooled decode rates (tokens after the first over time after the first), by hand
+    truth = (3 * 8 * 19 / (3 * sum(19 / r for r in model_rates))) / (3 * 8 * 19 / (3 * sum(19 / r for r in parent_rates)))
+    assert quiet["ratio"] == pytest.approx(truth, rel=1e-12)
+    assert quiet["lo"] < quiet["ratio"] < quiet["hi"] and 1.8 < quiet["lo"] and quiet["hi"] < 2.2
+    assert quiet["comparable"] and quiet["why"] == ""
+    busy = paired_ratio(_side(parent_rates, cores() + 1.0), _side(model_rates, cores() + 1.0))
+    assert not busy["comparable"] and busy["why"].startswith("not comparable: the machine was busy (load ")
+    assert f"on {cores()} cores" in busy["why"]
+    uneven = paired_ratio(_side(parent_rates, 0.0), _side(model_rates, 0.9))
+    assert not uneven["comparable"] and "differed between the sides" in uneven["why"]
+
+
+def _rtn(tmp_path: Path) -> tuple[Path, Path]:
+    from quantstudy.quantize import run_oneshot
+    from quantstudy.variants import expand_variants
+    from quantstudy.models import load_pretrained
+
+    base = make_tiny_model(tmp_path / "base")
+    cfg = parse_config({"name": "t", "model": {"source": str(base)}, "quantize": [{"method": "rtn", "group_size": 32}]})
+    model, tok = load_pretrained(base)
+    run_oneshot(model, tok, expand_variants(cfg)[0], None, 0, tmp_path / "q")
+    return base, tmp_path / "q"
+
+
+def _pair_metrics(tmp_path: Path, rounds: int = 3) -> dict:
+    base, q = _rtn(tmp_path)
+    prompts = ["the cat sat on a mat", "how many dogs ran past", "what is the sum", "one blue house"]
+    ctx = _ctx(tmp_path, _sharegpt(tmp_path, prompts), prompts=4, max_new=8, rounds=rounds)
+    measure_model(ctx, ModelRecord("rtn", "quantized", str(q), parent="base"),
+                  ModelRecord("base", "baseline", str(base)))
+    return {name: (value, info) for _, name, value, info in ctx.store.metrics("rtn")}
+
+
+def test_paired_measure_of_a_packed_variant(tmp_path):
+    """A tiny RTN model: packed against its parent, labelled, with its numerics check."""
+    m = _pair_metrics(tmp_path)
+    value, info = m["speed.latency_mean_s"]
+    assert info["backend"] == "torch-int4pack-cpu" and info["weights"] == "packed"
+    assert info["activation_dtype"] == "bfloat16" and info["prefill"].startswith("not accelerated")
+    assert m["speed.parent.latency_mean_s"][1]["backend"] == "transformers-dense"
+    ratio, rinfo = m["speed.speedup"]
+    assert rinfo["lo"] <= ratio <= rinfo["hi"] and rinfo["rounds"] == 3 and rinfo["parent"] == "base"
+    assert m["memory.resident_weights_bytes"][0] < m["memory.parent.resident_weights_bytes"][0]
+    assert 0 <= m["numerics.kl_packed_vs_decompressed"][0] < 0.01
+    assert m["numerics.top1_packed_vs_decompressed"][0] > 0.9
+    from quantstudy.report.deploy import deploy_row
+
+    row = deploy_row("rtn", "quantized", None, m, deploy_row("base", "baseline", None, {}, None))
+    assert row.caveat == ""  # packed figures: no "not a 4-bit deployment figure"
+    if rinfo["comparable"]:  # a quiet machine: the ratio with its interval
+        assert row.speedup == ratio and f"{rinfo['lo']:.2f}-{rinfo['hi']:.2f}x" in row.speedup_note
+    else:
+        assert row.speedup is None and row.speedup_note.startswith("not comparable")
+
+
+@pytest.mark.slow
+def test_busy_machine_refuses_the_speedup(tmp_path):
+    """CPU burners compete with the measurement: the report must print 'not comparable', not a ratio."""
+    import subprocess
+    import sys
+
+    from quantstudy.interleave import cores
+    from quantstudy.report.deploy import deploy_row
+
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores() + 1)]
+    try:
+        m = _pair_metrics(tmp_path)
+    finally:
+        for b in burners:
+            b.kill()
+            b.wait()
+    _, rinfo = m["speed.speedup"]
+    assert not rinfo["comparable"] and rinfo["why"].startswith("not comparable: the machine was busy")
+    parent = deploy_row("base", "baseline", None, {}, None)
+    row = deploy_row("rtn", "quantized", None, {k: (v, i) for k, (v, i) in m.items()}, parent)
+    assert row.speedup is None and row.speedup_note.startswith("not comparable: the machine was busy")
+    assert row.caveat == ""  # packed figures: no "not a 4-bit deployment figure"

@@ -6,6 +6,7 @@ decompression up to output rounding, and within bf16 tolerance of the float32 de
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -164,17 +165,23 @@ def test_dense_model_is_refused(tmp_path):
 
 
 # ------------------------------------------------------------------ real SmolLM2 weights (slow)
-SMOL_VARIANTS = {"gptq": ("gptq", True), "awq": ("awq", True), "gptq-asym": ("gptq", False)}
+SMOL_VARIANTS = {"gptq": ("gptq", True), "awq": ("awq", True), "rtn-asym": ("rtn", False)}
 
 
 @pytest.fixture(scope="session")
 def smol_quantized(smollm2_dir, shared_data, tmp_path_factory) -> dict[str, Path]:
-    """SmolLM2-135M quantized by llm-compressor at W4 g64: GPTQ, AWQ (symmetric) and GPTQ asymmetric."""
+    """SmolLM2-135M quantized by llm-compressor at W4 g64: GPTQ, AWQ (symmetric) and RTN asymmetric.
+
+    QS_PACKED_SMOL=DIR reuses models already made there as DIR/{gptq-w4g64, awq-w4g64, rtn-w4g64-asym}
+    (AWQ takes ~6 min on 2 CPU cores)."""
     from quantstudy.calibration import build_calibration, tokenize
     from quantstudy.config import parse_config
     from quantstudy.quantize import run_oneshot
     from quantstudy.variants import expand_variants
 
+    if os.environ.get("QS_PACKED_SMOL"):
+        d = Path(os.environ["QS_PACKED_SMOL"])
+        return {"gptq": d / "gptq-w4g64", "awq": d / "awq-w4g64", "rtn-asym": d / "rtn-w4g64-asym"}
     root, out = tmp_path_factory.mktemp("smol-packed"), {}
     for key, (method, sym) in SMOL_VARIANTS.items():
         cfg = parse_config({"name": "t", "model": {"source": str(smollm2_dir)},
@@ -182,7 +189,8 @@ def smol_quantized(smollm2_dir, shared_data, tmp_path_factory) -> dict[str, Path
                             "quantize": [{"method": method, "group_size": 64, "symmetric": sym}]})
         v = expand_variants(cfg)[0]
         model, tok = load_pretrained(smollm2_dir)
-        ds = tokenize(build_calibration(v.calibration, tok, shared_data, root), tok, 128)
+        ds = None if v.calibration is None else tokenize(build_calibration(v.calibration, tok, shared_data, root),
+                                                         tok, 128)
         run_oneshot(model, tok, v, ds, 128, root / key)
         out[key] = root / key
     return out

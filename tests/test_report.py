@@ -89,10 +89,19 @@ def test_planned_pairs(store: Store) -> None:
 def test_speedup_memory_and_labels(store: Store) -> None:
     a = analyze(store)
     g, awq = a.deploy_of("gptq-c64"), a.deploy_of("awq-c64")
-    assert g.speedup == pytest.approx(2.0 / 2.2)
-    assert g.mem_reduction_bytes == pytest.approx(-100 * syn.MiB)
-    assert g.mem_reduction_pct == pytest.approx(-100 / 1200 * 100)
-    assert g.caveat == NOT_4BIT and a.deploy_of("base").caveat == ""
+    # packed and paired on a quiet machine: the paired ratio with its interval, no 4-bit caveat
+    assert g.speedup == pytest.approx(1.90) and (g.speedup_lo, g.speedup_hi) == (1.71, 2.08)
+    assert "95% CI 1.71-2.08x" in g.speedup_note and g.caveat == ""
+    assert g.mem_reduction_bytes == pytest.approx(350 * syn.MiB)  # parent 1200 MiB (paired) - 850 MiB packed
+    assert g.mem_reduction_pct == pytest.approx(350 / 1200 * 100)
+    assert g.kl_packed == pytest.approx(0.0009)
+    # packed but measured on a busy machine: no ratio, the measurement's own reason
+    busy = a.deploy_of("gptq-c128")
+    assert busy.speedup is None and busy.speedup_note == "not comparable: the machine was busy (load 3.6 on 2 cores)"
+    # an old store's unpaired, decompressed figures: a ratio, marked unpaired and not 4-bit
+    old = a.deploy_of("tuned-gptq-c64")
+    assert old.speedup == pytest.approx(2.0 / 2.1) and "unpaired" in old.speedup_note
+    assert old.caveat == NOT_4BIT and a.deploy_of("base").caveat == ""
     assert g.size_reduction_pct == pytest.approx(100 * (540 - 160) / 540)
     # 168 vs 60 tokens per response: no speed-up number, a warning instead
     assert awq.speedup is None and "2.8x the tokens" in awq.speedup_note

@@ -277,10 +277,18 @@ class TaskSpec(Strict):
         return self.alias or self.name.value
 
 
+class SpeedBackend(str, Enum):
+    packed = "packed"  # W4A16 variants on torch's int4 kernels (quantstudy.packed); other models dense
+    dense = "dense"  # every model as transformers loads it (compressed-tensors decompressed to dense)
+
+
 class SpeedConfig(Strict):
     prompts: int = Field(8, ge=1)  # fixed prompt set, first N ShareGPT prompts
     max_new_tokens: int = Field(64, ge=1)
     warmup: int = Field(1, ge=0)
+    backend: SpeedBackend = SpeedBackend.packed
+    batch: int = Field(8, ge=1)  # the larger batch decode is also measured at (prompts beyond N are not used)
+    rounds: int = Field(3, ge=1)  # interleaved parent/model rounds behind the paired speed-up
 
 
 class EvalBackend(str, Enum):

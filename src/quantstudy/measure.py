@@ -1,28 +1,26 @@
-"""Speed and memory of one model: greedy generation over a fixed prompt set, one prompt at a time.
+"""Speed and memory: each model in a fresh process, a derived model paired with its parent.
 
-The prompts are the first `evaluate.speed.prompts` ShareGPT first user turns (offline file or
-hub), rendered with the model's chat template, so every variant of a study answers the same
-prompts. Per prompt: latency, time to first token (prompt processing + first token), output
-tokens (EOS counted), whether max_new_tokens was hit, whether the answer is empty.
+The prompts are the first `evaluate.speed.prompts` ShareGPT first user turns, rendered with the
+model's chat template, so every model of a study answers the same prompts. A W4A16 model runs on
+torch's packed int4 kernels (quantstudy.packed, bf16 activations) unless `evaluate.speed.backend`
+is dense; its parent runs dense in the same activation dtype (bf16: how it would be deployed).
 
-The benchmark runs in a fresh spawned process that loads only this model. Peak memory is then
-that process's own: on CPU the kernel's RSS high-water mark (VmHWM: exact, not sampled, and
-it includes the interpreter and libraries, whose share before loading is recorded too); on
-CUDA the allocator peak. An in-process ru_maxrss would still hold the peak of any model
-loaded earlier in the run, so it cannot tell two variants apart.
+Every side is a spawned process that loads only its model, so its peak memory is its own: on CPU
+the RSS high-water mark (VmHWM: exact, includes interpreter and libraries, whose share before
+loading is recorded), on CUDA the allocator peak.
+
+Speed-up is a paired measurement (quantstudy.interleave): parent and child processes stay loaded
+and take turns, round by round, over the same prompts (batch 1, then one batch of `speed.batch`);
+the first side alternates between rounds. The ratio of decode rates comes with a bootstrap
+interval over prompts, and the CPU time other processes used during each side is recorded.
 """
 
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
-import os
-import queue
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from quantstudy.chat import render
 from quantstudy.context import RunContext
@@ -65,64 +63,67 @@ def speed_prompts(ctx: RunContext, n: int) -> list[str]:
     return [p for p in firsts if p.strip()][:n]
 
 
-def _status(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024  # kB -> bytes
-    return 0
+def encode_prompts(tok: Any, prompts: list[str], chat_kwargs: dict[str, Any] | None = None) -> list[list[int]]:
+    """Token ids of each prompt, through the chat template (with model.chat_template_kwargs) when the
+    tokenizer has one."""
+    if getattr(tok, "chat_template", None):
+        return [tok.encode(render(tok, [{"role": "user", "content": p}], chat_kwargs), add_special_tokens=False)
+                for p in prompts]
+    return [tok.encode(p) for p in prompts]
 
 
-def _bench(job: dict[str, Any], out: Any) -> None:
-    """Child process: load the model, warm up, generate for every prompt, report stats and peak."""
-    import torch
-
-    from quantstudy.generation import generate_tokens
-    from quantstudy.models import load_pretrained
-
-    rss_before, load_before = _status("VmRSS"), os.getloadavg()[0]
-    if job["device"] == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    model, tok = load_pretrained(Path(job["path"]), device=job["device"], dtype=job["dtype"],
-                                 trust_remote_code=job["trust_remote_code"])
-    chat = bool(getattr(tok, "chat_template", None))
-    ids = [tok.encode(render(tok, [{"role": "user", "content": p}], job.get("chat_kwargs")), add_special_tokens=False)
-           if chat else tok.encode(p) for p in job["prompts"]]
-    for _ in range(job["warmup"]):  # first calls pay one-off costs (allocator, kernels, caches)
-        generate_tokens(model, tok, [ids[0]], job["max_new_tokens"], [], job["device"])
-    stats = []
-    for i, p in enumerate(ids):
-        g = generate_tokens(model, tok, [p], job["max_new_tokens"], [], job["device"])[0]
-        text = tok.decode(g.tokens, skip_special_tokens=True)
-        stats.append(asdict(GenStat(g.seconds, g.ttft_s, len(g.tokens), g.hit_max, not text.strip())))
-        out.put(("progress", i + 1))
-    packed = any(type(m).__name__ == "CompressedLinear" for m in model.modules())
-    peak = torch.cuda.max_memory_allocated() if job["device"] == "cuda" else _status("VmHWM")
-    out.put(("done", {"stats": stats, "peak": int(peak), "rss_before_load": rss_before, "chat_template": chat,
-                      "packed": packed, "threads": torch.get_num_threads(),
-                      "load_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)]}))
+def is_w4a16(path: Path) -> bool:
+    """A compressed-tensors pack-quantized checkpoint whose weights are all 4-bit, activations unquantized."""
+    cfg = json.loads((Path(path) / "config.json").read_text()) if (Path(path) / "config.json").is_file() else {}
+    q = cfg.get("quantization_config") or {}
+    groups = list((q.get("config_groups") or {}).values())
+    return (q.get("quant_method") == "compressed-tensors" and q.get("format") == "pack-quantized" and bool(groups)
+            and all((g.get("weights") or {}).get("num_bits") == 4 and not g.get("input_activations") for g in groups))
 
 
-def _run_child(ctx: RunContext, job: dict[str, Any], label: str) -> dict[str, Any]:
-    spawn = mp.get_context("spawn")  # a fresh interpreter: its peak memory is this model's alone
-    q = spawn.Queue()
-    proc = spawn.Process(target=_bench, args=(job, q), daemon=True)
-    proc.start()
-    cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*cols, console=ctx.console) as progress:
-        bar = progress.add_task(f"{label} · speed", total=len(job["prompts"]))
-        while True:
-            try:
-                kind, val = q.get(timeout=1.0)
-            except queue.Empty:
-                if not proc.is_alive():
-                    proc.join()
-                    why = " (killed: out of memory?)" if proc.exitcode in (-9, 137) else ""
-                    raise RuntimeError(f"speed benchmark of {label} exited with code {proc.exitcode}{why}")
-                continue
-            if kind == "done":
-                proc.join()
-                return val
-            progress.update(bar, completed=val)
+def side_job(ctx: RunContext, model: ModelRecord, backend: str, dtype: str, prompts: list[str]) -> dict[str, Any]:
+    speed = ctx.cfg.evaluate.speed
+    return {"name": model.name, "path": model.path, "device": ctx.device, "backend": backend, "dtype": dtype,
+            "trust_remote_code": ctx.cfg.model.trust_remote_code, "prompts": prompts,
+            "chat_kwargs": ctx.cfg.model.chat_template_kwargs,
+            "max_new_tokens": speed.max_new_tokens, "warmup": speed.warmup, "batch": speed.batch}
+
+
+def labels(ctx: RunContext, job: dict[str, Any], side: dict[str, Any], batch: int) -> dict[str, Any]:
+    """What a figure means: backend, weights, activation dtype, threads, batch size, load."""
+    packed = job["backend"] == "packed"
+    return {"backend": (f"torch-int4pack-{ctx.device}" if packed else "transformers-dense"),
+            "weights": "packed" if packed else ("decompressed" if side["quantized"] else "dense"),
+            "activation_dtype": job["dtype"], "device": ctx.device, "threads": side["threads"],
+            "batch_size": batch, "n_prompts": len(job["prompts"]), "max_new_tokens": job["max_new_tokens"],
+            "warmup": job["warmup"], "chat_template": side["chat_template"], "rounds": side["rounds"],
+            # prefill is a large-M matmul: the int4 kernel dequantizes per tile and is no faster than dense there
+            "prefill": "not accelerated by the int4 kernel" if packed else "dense",
+            "dense_layers": side.get("dense_layers", {}), "malloc_mmap_threshold": side.get("malloc_mmap_threshold"),
+            "other_cpu_cores": side["other_cpu_cores"], "cpu_load_1m": side["load_1m"],
+            "prompts": "sharegpt " + ("offline" if ctx.data_dir else "hub") + f", first {len(job['prompts'])} user turns",
+            "measured": "wall clock per request, greedy, EOS counted as a token"}
+
+
+def _put_side(ctx: RunContext, name: str, job: dict[str, Any], side: dict[str, Any], prefix: str = "") -> None:
+    """Store one side's figures under `speed.{prefix}*` / `memory.{prefix}*`."""
+    store = ctx.store
+    info = labels(ctx, job, side, 1)
+    for key, value in summarize([GenStat(**s) for s in side["stats"]]).items():
+        store.put_metric(name, f"speed.{prefix}{key}", value, info)
+    store.put_metric(name, f"speed.{prefix}prefill_s", side["prefill_s"],
+                     {**info, "measured": "time to first token at batch 1 (prompt processing + one decode step), "
+                      "mean over prompts and rounds"})
+    binfo = labels(ctx, job, side, side["batch"])
+    store.put_metric(name, f"speed.{prefix}batch_tokens_per_s", side["batch_tokens_per_s"],
+                     {**binfo, "measured": f"generated tokens of one batch of {side['batch']} prompts over its wall "
+                      "time (sequences drop out as they stop)"})
+    store.put_metric(name, f"memory.{prefix}peak_bytes", float(side["peak"]),
+                     {**info, "measured": "CUDA allocator peak (torch.cuda.max_memory_allocated)"
+                      if ctx.device == "cuda" else "process peak RSS (VmHWM of a fresh process that loaded only "
+                      "this model)", "rss_before_load_bytes": side["rss_before_load"]})
+    store.put_metric(name, f"memory.{prefix}resident_weights_bytes", float(side["resident_bytes"]),
+                     {**info, "measured": "bytes of parameters and buffers held after loading"})
 
 
 def _on_disk(path: Path) -> str:
@@ -131,34 +132,72 @@ def _on_disk(path: Path) -> str:
     return f"{q.get('quant_method', 'quantized')} ({q.get('format', '?')})" if q else "dense"
 
 
-def measure_model(ctx: RunContext, model: ModelRecord) -> None:
+def _put_disk(ctx: RunContext, model: ModelRecord) -> None:
+    fmt = _on_disk(Path(model.path))
+    ctx.store.put_metric(model.name, "memory.weights_bytes", float(weights_size(Path(model.path))),
+                         {"backend": "disk", "weights": "dense" if fmt == "dense" else "packed",
+                          "measured": "weight files on disk (*.safetensors / *.bin)", "format": fmt})
+
+
+def measure_model(ctx: RunContext, model: ModelRecord, parent: ModelRecord | None = None) -> None:
+    """A root model: dense in the deployment dtype (bf16) and float32, interleaved.
+    A derived model: paired with its parent (dense bf16), interleaved, with the speed-up and its interval."""
+    from quantstudy.interleave import interleave, paired_ratio
+
     speed = ctx.cfg.evaluate.speed if ctx.cfg.evaluate else None
     if speed is None:
         return
     prompts = speed_prompts(ctx, speed.prompts)
-    job = {"path": model.path, "device": ctx.device, "dtype": ctx.cfg.model.dtype.value,
-           "trust_remote_code": ctx.cfg.model.trust_remote_code, "prompts": prompts,
-           "chat_kwargs": ctx.cfg.model.chat_template_kwargs,
-           "max_new_tokens": speed.max_new_tokens, "warmup": speed.warmup}
-    res = _run_child(ctx, job, model.name)
-    stats = [GenStat(**s) for s in res["stats"]]
-    info = {"backend": f"transformers-{ctx.device}",
-            # transformers runs a compressed-tensors model as dense Linear layers on CPU
-            "weights": "packed" if res["packed"] else "decompressed",
-            "device": ctx.device, "dtype": job["dtype"], "n_prompts": len(prompts),
-            "max_new_tokens": speed.max_new_tokens, "warmup": speed.warmup, "batch_size": 1,
-            "chat_template": res["chat_template"], "threads": res["threads"],
-            # other processes on the machine slow CPU timings: the 1-minute load before/after says how busy it was
-            "cpu_load_1m": res["load_1m"],
-            "prompts": "sharegpt " + ("offline" if ctx.data_dir else "hub") + f", first {len(prompts)} user turns",
-            "measured": "wall clock per request, greedy, EOS counted as a token"}
-    mem_info = {**info, "measured": "CUDA allocator peak (torch.cuda.max_memory_allocated)" if ctx.device == "cuda"
-                else "process peak RSS (VmHWM of a fresh process that loaded only this model)",
-                "rss_before_load_bytes": res["rss_before_load"]}
-    disk_info = {"backend": "disk", "weights": "dense" if _on_disk(Path(model.path)) == "dense" else "packed",
-                 "measured": "weight files on disk (*.safetensors / *.bin)", "format": _on_disk(Path(model.path))}
+    act = "bfloat16"  # the packed kernels' activation dtype: the deployment comparison is made in it
+    if parent is None:
+        jobs = [side_job(ctx, model, "dense", act, prompts), side_job(ctx, model, "dense", "float32", prompts)]
+        bf16, fp32 = interleave(ctx, jobs, speed.rounds)
+        with ctx.store.tx():
+            _put_side(ctx, model.name, jobs[0], bf16)
+            _put_side(ctx, model.name, jobs[1], fp32, prefix="float32.")
+            _put_disk(ctx, model)
+        return
+    packed = speed.backend.value == "packed" and is_w4a16(Path(model.path))
+    jobs = [side_job(ctx, parent, "dense", act, prompts),
+            side_job(ctx, model, "packed" if packed else "dense", act, prompts)]
+    p_side, m_side = interleave(ctx, jobs, speed.rounds)
+    ratio = paired_ratio(p_side, m_side, ctx.cfg.seed)
+    kl = numerics_check(ctx, model, prompts) if packed else None
     with ctx.store.tx():
-        for name, value in summarize(stats).items():
-            ctx.store.put_metric(model.name, f"speed.{name}", value, info)
-        ctx.store.put_metric(model.name, "memory.peak_bytes", float(res["peak"]), mem_info)
-        ctx.store.put_metric(model.name, "memory.weights_bytes", float(weights_size(Path(model.path))), disk_info)
+        _put_side(ctx, model.name, jobs[1], m_side)
+        _put_side(ctx, model.name, jobs[0], p_side, prefix="parent.")
+        ctx.store.put_metric(model.name, "speed.speedup", ratio["ratio"],
+                             {**ratio, "parent": parent.name, "backend": labels(ctx, jobs[1], m_side, 1)["backend"],
+                              "parent_backend": "transformers-dense", "activation_dtype": act})
+        if kl is not None:
+            for key, value in kl.items():
+                ctx.store.put_metric(model.name, f"numerics.{key}", value,
+                                     {"what": "packed int4 model vs the decompressed float32 model the evaluation "
+                                      "uses, on the speed prompts (teacher-forced prompt tokens)",
+                                      "n_positions": kl["n_positions"]})
+        _put_disk(ctx, model)
+
+
+def numerics_check(ctx: RunContext, model: ModelRecord, prompts: list[str]) -> dict[str, float]:
+    """KL(decompressed || packed) per position and top-1 agreement on the speed prompts' tokens.
+
+    Runs in this process after the timed children have exited, so it touches no timed figure."""
+    import torch
+
+    from quantstudy.models import load_pretrained
+    from quantstudy.packed import load_packed
+
+    trust = ctx.cfg.model.trust_remote_code
+    packed, tok, _ = load_packed(Path(model.path), ctx.device, trust)
+    dense, _ = load_pretrained(Path(model.path), ctx.device, "float32", trust)
+    kl_sum, agree, n = 0.0, 0, 0
+    with torch.inference_mode():
+        for ids in encode_prompts(tok, prompts, ctx.cfg.model.chat_template_kwargs):
+            x = torch.tensor([ids], device=ctx.device)
+            lp = torch.log_softmax(packed(x).logits[0].float(), -1)  # [T, V]
+            lq = torch.log_softmax(dense(x).logits[0].float(), -1)
+            kl_sum += (lq.exp() * (lq - lp)).sum().item()
+            agree += (lp.argmax(-1) == lq.argmax(-1)).sum().item()
+            n += x.shape[1]
+    del packed, dense
+    return {"kl_packed_vs_decompressed": kl_sum / n, "top1_packed_vs_decompressed": agree / n, "n_positions": n}

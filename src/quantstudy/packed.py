@@ -193,13 +193,13 @@ class _Tensors:
         f, dtype, shape, b, e = self.index.pop(key)
         out_dtype = to if to is not None and dtype.is_floating_point else dtype
         out = torch.empty(shape, dtype=out_dtype)
-        rows = max(1, _CHUNK // max(1, (e - b) // max(1, shape[0] if shape else 1))) if shape else 1
         with open(f, "rb", buffering=0) as h:
             h.seek(b)
-            if out_dtype == dtype or not shape:
+            if out_dtype == dtype or not shape or not shape[0]:
                 h.readinto(out.view(-1).view(torch.uint8).numpy())
                 return out
             row_bytes = (e - b) // shape[0]
+            rows = max(1, _CHUNK // max(1, row_bytes))
             for i in range(0, shape[0], rows):
                 j = min(shape[0], i + rows)
                 buf = torch.empty((j - i) * row_bytes, dtype=torch.uint8)
@@ -239,10 +239,12 @@ def load_packed(path: Path, device: str = "cpu", trust_remote_code: bool = False
         bias = tensors.pop(prefix + ".bias", None)
         module = model.get_submodule(prefix)
         scheme = _scheme_for(prefix, module, qcfg)
+        if scheme is None or scheme.weights is None:
+            raise QuantStudyError("a packed weight matches no quantization config group", field="model path",
+                                  value=prefix, fix="check config.json's quantization_config.config_groups")
         n, k = (int(v) for v in parts["weight_shape"])
-        args = scheme.weights if scheme is not None else None
-        reason = "no config group matches it" if args is None else why_dense(
-            n, k, parts["weight_scale"].shape[1], args.num_bits, backend)
+        args = scheme.weights
+        reason = why_dense(n, k, parts["weight_scale"].shape[1], args.num_bits, backend)
         g_idx = parts.get("weight_g_idx")
         if reason is None and g_idx is not None and not torch.equal(
                 g_idx.long(), torch.arange(k) // (k // parts["weight_scale"].shape[1])):
@@ -256,9 +258,6 @@ def load_packed(path: Path, device: str = "cpu", trust_remote_code: bool = False
             report.packed.append(prefix)
             continue
         report.dense[prefix] = reason
-        if scheme is None:
-            raise QuantStudyError("a packed weight matches no quantization config group", field="model path",
-                                  value=prefix, fix="check config.json's quantization_config.config_groups")
         # compressed-tensors' own decompression (the same the evaluation uses), then bf16
         w = PackedQuantizationCompressor.decompress(dict(parts), scheme)["weight"]
         dense[prefix + ".weight"] = w.to(ACT_DTYPE)

@@ -81,12 +81,17 @@ def plan(ctx: RunContext) -> list[Step]:
             name = v.name if root == BASE else f"{TRAINED}-{v.name}"
             steps.append(Step("quantize", name, key_of("quantize", root_key, v, versions, *tpl), parents=[root]))
     model_keys = {s.model: s.key for s in steps}
+    parent_of = {s.model: s.parents[0] for s in steps if s.parents}
     for name, mkey in list(model_keys.items()):
         if cfg.evaluate is not None:
             steps.append(Step("evaluate", name, key_of("evaluate", mkey, cfg.evaluate, ctx.data_id, versions,
                                                        *tpl, *think)))
             if cfg.evaluate.speed is not None:
-                steps.append(Step("measure", name, key_of("measure", mkey, cfg.evaluate.speed, versions, *tpl)))
+                # a derived model is measured paired with its parent (same window, interleaved)
+                parent = parent_of.get(name)
+                pair = [model_keys[parent]] if parent else []
+                steps.append(Step("measure", name, key_of("measure", mkey, cfg.evaluate.speed, versions, *tpl, *pair),
+                                  parents=[parent] if parent else []))
     if cfg.fidelity is not None:
         for s in [s for s in steps if s.stage == "quantize"]:
             parent = s.parents[0]
@@ -149,7 +154,7 @@ def run_step(ctx: RunContext, step: Step) -> None:
     elif step.stage == "measure":
         from quantstudy.measure import measure_model
 
-        measure_model(ctx, _model(ctx, step.model))
+        measure_model(ctx, _model(ctx, step.model), _model(ctx, step.parents[0]) if step.parents else None)
     elif step.stage == "fidelity":
         from quantstudy.fidelity import fidelity_model
 

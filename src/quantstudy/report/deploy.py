@@ -1,13 +1,16 @@
 """What a deployment cares about, per model: speed, memory, size, generation health, fidelity.
 
-Speed and memory are single measurements read from the store's `speed.*` / `memory.*`
-metrics together with how they were taken (info: backend, weights packed/decompressed,
-measured). They get no significance test (no replicates), and the definitions follow
-design.md:
-  speed-up         = parent latency / model latency (> 1 = faster), only when both generated
-                     a comparable number of tokens per response (ratio within TOKENS_COMPARABLE);
-                     otherwise a generation-health warning replaces the number.
-  memory reduction = parent peak - model peak (bytes and % of parent), with the method.
+Speed and memory are read from the store's `speed.*` / `memory.*` metrics together with how
+they were taken (info: backend, weights packed/decompressed, activation dtype, measured). The
+definitions follow design.md:
+  speed-up         = the paired `speed.speedup` (measure.py: model and parent interleaved in one
+                     window, batch-1 decode rate ratio, > 1 = faster) with its 95% interval; when the
+                     machine was busy the measurement's own "not comparable: ..." replaces it. A store
+                     without it (older studies) falls back to parent latency / model latency, marked
+                     unpaired. Either way only when both generated a comparable number of tokens per
+                     response (ratio within TOKENS_COMPARABLE); otherwise a generation-health warning.
+  memory reduction = parent peak - model peak (bytes and % of parent), with the method; the parent's
+                     peak from the same paired measurement when there is one.
 Generation health is recomputed from the evaluation items of generative tasks (hit
 max_new_tokens, empty text (only where an answer is expected: not SQuAD v2's unanswerable
 items), generated tokens) and read from the speed benchmark's metrics.
@@ -31,6 +34,7 @@ HEALTH_RULE = (f"flagged when >= {HIT_MAX_FLAG:.0%} of responses hit max_new_tok
                f"response is >= {TOKENS_FLAG:g}x or <= 1/{TOKENS_FLAG:g} of the parent's; the speed benchmark stops "
                "at its own short cap by design, so its hit-max share is judged only against the parent")
 NOT_4BIT = "not a 4-bit deployment figure"
+UNPAIRED = "unpaired: parent and model measured at different times"
 SPEED = "speed benchmark"
 
 
@@ -70,6 +74,11 @@ class Deploy:
     mem_reduction_bytes: float | None = None
     mem_reduction_pct: float | None = None
     caveat: str = ""  # NOT_4BIT when a quantized model ran with decompressed weights
+    speedup_lo: float | None = None  # 95% interval of the paired speed-up
+    speedup_hi: float | None = None
+    kl_packed: float | None = None  # KL(decompressed || packed) per token on the speed prompts
+    top1_packed: float | None = None  # top-1 agreement packed vs decompressed
+    activation_dtype: str | None = None
 
 
 def _metric(metrics: dict[str, tuple[float | None, dict[str, Any]]], name: str) -> float | None:
@@ -88,22 +97,37 @@ def deploy_row(model: str, role: str, size: int | None, metrics: dict[str, tuple
                mem_info.get("measured") or info.get("measured"))
     if role == "quantized" and d.weights == "decompressed":
         d.caveat = NOT_4BIT
+    d.activation_dtype = info.get("activation_dtype") or info.get("dtype")
+    d.kl_packed = _metric(metrics, "numerics.kl_packed_vs_decompressed")
+    d.top1_packed = _metric(metrics, "numerics.top1_packed_vs_decompressed")
     if parent is None:
         return d
     if size and parent.size_bytes:
         d.size_reduction_pct = 100 * (parent.size_bytes - size) / parent.size_bytes
-    if d.peak_bytes is not None and parent.peak_bytes:
-        d.mem_reduction_bytes = parent.peak_bytes - d.peak_bytes
-        d.mem_reduction_pct = 100 * d.mem_reduction_bytes / parent.peak_bytes
-    if d.latency_s and parent.latency_s:
-        tok, ptok = d.tokens_per_response, parent.tokens_per_response
-        if tok and ptok and max(tok / ptok, ptok / tok) >= TOKENS_COMPARABLE:
-            d.speedup_note = (f"no speed-up: generates {tok / ptok:.1f}x the tokens per response of "
-                              f"{parent.model} ({tok:.0f} vs {ptok:.0f}); latencies are not comparable")
+    parent_peak = _metric(metrics, "memory.parent.peak_bytes") or parent.peak_bytes  # same window if paired
+    if d.peak_bytes is not None and parent_peak:
+        d.mem_reduction_bytes = parent_peak - d.peak_bytes
+        d.mem_reduction_pct = 100 * d.mem_reduction_bytes / parent_peak
+    paired = metrics.get("speed.speedup")
+    ptok = _metric(metrics, "speed.parent.tokens_per_response") if paired else parent.tokens_per_response
+    if paired is None and not (d.latency_s and parent.latency_s):
+        return d
+    tok = d.tokens_per_response
+    if tok and ptok and max(tok / ptok, ptok / tok) >= TOKENS_COMPARABLE:
+        d.speedup_note = (f"no speed-up: generates {tok / ptok:.1f}x the tokens per response of "
+                          f"{parent.model} ({tok:.0f} vs {ptok:.0f}); latencies are not comparable")
+    elif paired is not None:
+        value, pinfo = paired
+        if not pinfo.get("comparable"):
+            d.speedup_note = pinfo.get("why") or "not comparable"
         else:
-            d.speedup = parent.latency_s / d.latency_s
-            if not (tok and ptok):
-                d.speedup_note = "tokens per response not recorded: equal generation length not verified"
+            d.speedup, d.speedup_lo, d.speedup_hi = value, pinfo.get("lo"), pinfo.get("hi")
+            d.speedup_note = (f"paired, 95% CI {d.speedup_lo:.2f}-{d.speedup_hi:.2f}x, {pinfo.get('rounds')} "
+                              f"interleaved rounds, decode at batch 1")
+    else:
+        d.speedup = parent.latency_s / d.latency_s  # type: ignore[operator]
+        d.speedup_note = UNPAIRED if tok and ptok else \
+            f"{UNPAIRED}; tokens per response not recorded: equal generation length not verified"
     return d
 
 

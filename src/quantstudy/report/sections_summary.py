@@ -32,8 +32,12 @@ def memory_text(dep: Deploy) -> str:
 
 
 def _how(dep: Deploy) -> str:
-    parts = [x for x in (dep.measured, f"{dep.weights} weights" if dep.weights else None, dep.backend) if x]
-    return ", ".join(parts) + (f"; {dep.caveat}" if dep.caveat else "")
+    packed = dep.weights == "packed"
+    parts = [x for x in (dep.measured, f"{dep.weights} weights" if dep.weights else None, dep.backend,
+                         f"{dep.activation_dtype} activations" if packed and dep.activation_dtype else None) if x]
+    kl = (f"; packed vs decompressed model: KL {dep.kl_packed:.2g} nats/token, top-1 agreement {dep.top1_packed:.1%}"
+          if dep.kl_packed is not None and dep.top1_packed is not None else "")
+    return ", ".join(parts) + kl + (f"; {dep.caveat}" if dep.caveat else "")
 
 
 def summary(doc: Document, a: Analysis, recs: list[Recommendation]) -> None:
