@@ -27,9 +27,21 @@ def make_progress(console: Console) -> Progress | PlainProgress:
     """A drop-in for rich's `Progress(*columns, console=...)` in the stages: rich bars with an ETA on a
     terminal (cleared when done: the stage's finish line replaces them), plain timed lines elsewhere."""
     if console.is_terminal:
-        return Progress(TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        TextColumn("left"), TimeRemainingColumn(), console=console, transient=True)
+        return _Bars(TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                     TextColumn("left"), TimeRemainingColumn(), console=console, transient=True)
     return PlainProgress(console)
+
+
+class _Bars(Progress):
+    """rich bars that tell the heartbeat the stage is showing progress of its own."""
+
+    def update(self, *args: Any, **kw: Any) -> None:
+        _last_line[0] = time.monotonic()
+        super().update(*args, **kw)
+
+    def advance(self, *args: Any, **kw: Any) -> None:
+        _last_line[0] = time.monotonic()
+        super().advance(*args, **kw)
 
 
 class PlainProgress:
@@ -81,8 +93,8 @@ _last_line = [0.0]  # monotonic time of the last plain progress line, shared wit
 
 
 class Heartbeat:
-    """Off a terminal: `  <label>: running, <elapsed>` when a stage printed no progress line for
-    2 x PLAIN_EVERY_S (llm-compressor's calibration has no progress of its own that we can read)."""
+    """`  <label>: running, <elapsed>` when a stage showed no progress for 2 x PLAIN_EVERY_S
+    (llm-compressor's calibration and the GGUF conversion report none that we can read)."""
 
     def __init__(self, console: Console, label: str):
         self.console, self.label, self.t0 = console, label, time.monotonic()
@@ -91,8 +103,7 @@ class Heartbeat:
 
     def __enter__(self) -> Heartbeat:
         _last_line[0] = self.t0
-        if not self.console.is_terminal:
-            self.thread.start()
+        self.thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
