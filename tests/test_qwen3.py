@@ -163,6 +163,27 @@ def test_resolve_local_qwen3_dir(qwen3, tmp_path):
     assert hasattr(attn, "q_norm") and hasattr(attn, "k_norm")  # the per-head q/k RMSNorms
 
 
+def test_resolve_qwen3_gguf_gives_the_same_model_and_tokens(qwen3, tmp_path):
+    """A qwen3-architecture GGUF (written with the gguf package) through resolve: same logits, same
+    tokens for text holding <think> (a user-defined token), same chat template. The tiny model's
+    head_dim (16) is not Qwen3Config's default (128): transformers' GGUF mapping drops it."""
+    from transformers import AutoTokenizer
+
+    from tests.tiny_qwen3 import write_qwen3_gguf
+
+    g = write_qwen3_gguf(qwen3, tmp_path / "tiny-qwen3.gguf")
+    out = resolve_source(g.name, None, tmp_path, tmp_path / "cache")
+    a, ta = load_pretrained(qwen3)
+    b, tb = load_pretrained(out)
+    assert b.config.head_dim == a.config.head_dim == 16
+    text = chat.render(ta, USER, {"enable_thinking": False}) + "<think> the cat</think> 7"
+    assert tb.encode(text) == ta.encode(text) and tb.chat_template == ta.chat_template
+    x = torch.tensor([ta.encode(text)])
+    with torch.no_grad():
+        assert torch.allclose(a(x).logits, b(x).logits, atol=1e-6)
+    assert AutoTokenizer.from_pretrained(out).eos_token == "<|im_end|>"
+
+
 @pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
 def test_qwen3_quantizes_on_a_4bit_grid(qwen3, tmp_path, method):
     model, tok = load_pretrained(qwen3)

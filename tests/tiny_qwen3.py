@@ -9,6 +9,7 @@ as ordinary (non-special) tokens, as in Qwen3's tokenizer, so decoding keeps the
 
 from __future__ import annotations
 
+import json
 from importlib import resources
 from pathlib import Path
 
@@ -106,3 +107,59 @@ class ScriptedReasoning:
 
     def attach(self, model):
         return model.register_forward_hook(self, with_kwargs=True)
+
+
+def write_qwen3_gguf(model_dir: Path, path: Path) -> Path:
+    """Write a saved tiny Qwen3 as a float32 GGUF of architecture `qwen3`, with llama.cpp's tensor
+    names and its `gpt2` (byte-level BPE) tokenizer metadata, using the `gguf` package's writer
+    (the layout llama.cpp's convert_hf_to_gguf.py produces for Qwen3; no q/k permutation for qwen)."""
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+    from transformers import AutoConfig, AutoTokenizer
+
+    cfg = AutoConfig.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    w = load_file(str(model_dir / "model.safetensors"))
+    wr = gguf.GGUFWriter(str(path), "qwen3")
+    wr.add_context_length(cfg.max_position_embeddings)
+    wr.add_block_count(cfg.num_hidden_layers)
+    wr.add_feed_forward_length(cfg.intermediate_size)
+    wr.add_embedding_length(cfg.hidden_size)
+    wr.add_head_count(cfg.num_attention_heads)
+    wr.add_head_count_kv(cfg.num_key_value_heads)
+    wr.add_key_length(cfg.head_dim)
+    wr.add_value_length(cfg.head_dim)
+    wr.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    wr.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]) if getattr(cfg, "rope_parameters", None)
+                          else float(cfg.rope_theta))
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    assert [i for _, i in vocab] == list(range(len(vocab)))
+    merges = json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]
+    wr.add_tokenizer_model("gpt2")
+    wr.add_tokenizer_pre("qwen2")
+    wr.add_token_list([t for t, _ in vocab])
+    special, added = set(tok.all_special_ids), set(tok.get_added_vocab().values())
+    # as Qwen3's GGUF: specials are control tokens, <think> / </think> user-defined ones
+    wr.add_token_types([gguf.TokenType.CONTROL if i in special else gguf.TokenType.USER_DEFINED if i in added
+                        else gguf.TokenType.NORMAL for _, i in vocab])
+    wr.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    wr.add_eos_token_id(tok.eos_token_id)
+    wr.add_pad_token_id(tok.pad_token_id)
+    wr.add_chat_template(tok.chat_template)
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    per_layer = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+                 "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+                 "self_attn.k_norm": "attn_k_norm", "post_attention_layernorm": "ffn_norm",
+                 "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for i in range(cfg.num_hidden_layers):
+        for hf, gg in per_layer.items():
+            names[f"model.layers.{i}.{hf}.weight"] = f"blk.{i}.{gg}.weight"
+    for hf, gg in names.items():
+        wr.add_tensor(gg, np.ascontiguousarray(w[hf].astype(np.float32)))
+    wr.write_header_to_file()
+    wr.write_kv_data_to_file()
+    wr.write_tensors_to_file()
+    wr.close()
+    return path

@@ -126,6 +126,50 @@ def check_model_files(model_dir: Path, field: str) -> None:
                                   fix=DAMAGED_FIX) from None
 
 
+def gguf_config_overrides(gguf: Path) -> dict[str, Any]:
+    """Config fields transformers' GGUF reader does not map. Qwen3 (and Qwen3-MoE) set head_dim
+    explicitly (`<arch>.attention.key_length` in the GGUF); transformers 5's mapping for them omits
+    it, so a model whose head_dim is not hidden/heads... falls back to Qwen3Config's default of 128:
+    right for the released Qwen3 sizes, wrong (shape mismatch, re-initialized attention weights)
+    for any other."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(gguf))
+
+    def field(name: str) -> Any:
+        f = reader.fields.get(name)
+        return None if f is None else f.parts[f.data[0]].tolist()[0] if f.data else None
+
+    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    key_length = field(f"{arch}.attention.key_length")
+    return {"head_dim": int(key_length)} if arch in ("qwen3", "qwen3moe", "qwen3_moe") and key_length else {}
+
+
+def restore_added_tokens(tok: Any, gguf: Path) -> None:
+    """Keep the GGUF's user-defined tokens whole. transformers' byte-level GGUF converters
+    re-add only a fixed list of specials (Qwen2/3: <|endoftext|>, <|im_start|>, <|im_end|>), so text
+    holding Qwen3's <think> / </think> (user-defined tokens; the pre-filled empty block of
+    enable_thinking=false) would be split into byte pieces the model never saw in that place."""
+    from gguf import GGUFReader, TokenType
+    from tokenizers import AddedToken
+
+    reader = GGUFReader(str(gguf))
+    tokens, types = reader.fields.get("tokenizer.ggml.tokens"), reader.fields.get("tokenizer.ggml.token_type")
+    if tokens is None or types is None:
+        return
+    have = set(tok.get_added_vocab())
+    add = []
+    for i, (ti, ty) in enumerate(zip(tokens.data, types.data)):
+        kind = int(types.parts[ty][0])
+        text = bytes(tokens.parts[ti]).decode("utf-8", errors="replace")
+        # user-defined only: control tokens are the converter's business (changing them would change
+        # how the built-in SmolLM2 GGUF tokenizes, and every result measured with it)
+        if kind == TokenType.USER_DEFINED and text not in have and tok.convert_tokens_to_ids(text) == i:
+            add.append(AddedToken(text, special=False, normalized=False))
+    if add:
+        tok.add_tokens(add)
+
+
 def gguf_to_hf(gguf: Path, out_dir: Path) -> Path:
     """Dequantize a GGUF file with transformers' loader and save it as safetensors (atomically)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -135,8 +179,9 @@ def gguf_to_hf(gguf: Path, out_dir: Path) -> Path:
                               fix="check the path (relative paths are resolved against the study file)")
     try:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
-    except (ValueError, KeyError, NotImplementedError) as e:
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32",
+                                                     **gguf_config_overrides(gguf))
+    except (ValueError, KeyError, NotImplementedError, RuntimeError) as e:
         raise QuantStudyError(f"transformers cannot dequantize this GGUF: {e}", field="model.source",
                               value=str(gguf),
                               fix="use a GGUF of an architecture transformers supports (llama, mistral, qwen2, "
@@ -146,6 +191,7 @@ def gguf_to_hf(gguf: Path, out_dir: Path) -> Path:
     # Some GGUF exports (SmolLM2's among them) name <|im_start|> as EOS in the tokenizer
     # metadata while config/generation_config say <|im_end|>; generation would then stop at
     # the wrong token. The model config is what the original checkpoint shipped: follow it.
+    restore_added_tokens(tok, gguf)
     eos_id = model.generation_config.eos_token_id
     eos_id = eos_id[0] if isinstance(eos_id, list) else eos_id
     if eos_id is not None and tok.eos_token_id != eos_id:
