@@ -215,6 +215,44 @@ def test_qwen3_quantizes_on_a_4bit_grid(qwen3, tmp_path, method):
                                       for m in ("input_layernorm", "post_attention_layernorm", "mlp.up_proj"))
 
 
+def test_awq_stage_records_mappings_and_calibrates_with_template_kwargs(qwen3, tmp_path):
+    import hashlib
+
+    from transformers import AutoTokenizer
+
+    from quantstudy.context import RunContext
+    from quantstudy.quantize import quantize_model
+    from quantstudy.sources import load_conversations
+    from quantstudy.store import ModelRecord, Store
+    from quantstudy.variants import expand_variants
+
+    from tests.tiny import text
+
+    data = tmp_path / "calib.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": text(i, 12)}] + (
+        [{"role": "assistant", "content": text(50 + i, 20)}] if i % 2 else [])}) + "\n" for i in range(6)))
+    cfg = parse_config({"name": "t", "model": {"source": str(qwen3), "chat_template_kwargs": {"enable_thinking": False}},
+                        "calibration": {"source": "jsonl", "path": str(data), "samples": 4, "max_seq_len": 48},
+                        "quantize": [{"method": "awq", "group_size": 32}], "evaluate": None})
+    v = expand_variants(cfg)[0]
+    ctx = RunContext(cfg, tmp_path / "s", tmp_path, Store(tmp_path / "s" / "store.sqlite"), None, "cpu",
+                     Console(file=io.StringIO()))
+    rec = quantize_model(ctx, v, ModelRecord("base", "baseline", str(qwen3)), v.name, tmp_path / "s" / "models" / v.name)
+    m = {n: (val, info) for _, n, val, info in ctx.store.metrics(v.name)}
+    layers = [f"model.layers.{i}.self_attn.v_proj" for i in range(2)]
+    assert m["quantize.awq_mappings_skipped"][0] == 2 and sorted(m["quantize.awq_mappings_skipped"][1]["skipped"]) == layers
+    assert m["quantize.awq_mappings_applied"][0] == 6
+    assert rec.spec["calibration"]["chat_template_kwargs"] == {"enable_thinking": False}
+    # the calibration texts are the conversations rendered with enable_thinking=False (by hand, via transformers)
+    tok = AutoTokenizer.from_pretrained(qwen3)
+    pool = {c.id: c for c in load_conversations("jsonl", None, data)}
+    for cid, h in ctx.store.calibration(v.name):
+        conv = pool[cid]
+        text = tok.apply_chat_template(conv.as_dicts(), tokenize=False, enable_thinking=False,
+                                       add_generation_prompt=conv.messages[-1][0] != "assistant")
+        assert hashlib.sha256(text.encode()).hexdigest() == h
+
+
 @pytest.mark.parametrize("method", ["gptq", "awq"])
 def test_qwen3_moe_experts_quantize(qwen3_moe, tmp_path, method):
     """transformers holds a Qwen3-MoE layer's experts fused (3-D gate_up_proj / down_proj); llm-compressor
