@@ -175,3 +175,37 @@ def test_eval_split_sizes_match_the_offline_data(shared_data: Path) -> None:
 
     for t in TaskName:
         assert len(get_task(t).eval_items(shared_data)) == EVAL_ITEMS[t.value], t.value
+
+
+def test_results_json_carries_every_verdict_with_its_bound(store: Store, tmp_path: Path) -> None:
+    (path,) = write_report(store, tmp_path / "out", {"json"})
+    data = json.loads(path.read_text())
+    assert data["decision"]["margin"] == 1.0 and data["decision"]["margin_kind"] == "points"
+    rows = {(r["other"], r["task"], r["metric"]): r for r in data["noninferiority"]}
+    r = rows["gptq-c64", "arc_easy", "acc"]
+    assert r["bound"] == pytest.approx(stats.tango_upper(6, 2, 60, 0.0125)) and r["shown"] is False
+    assert len(rows) == 4 * 6  # four variants x six metrics
+
+
+def test_a_variant_missing_a_deciding_task_is_not_recommended(tmp_path: Path) -> None:
+    s = Store(tmp_path / "store.sqlite")
+    _big_study(s, 2000, {"q-match": (8, 8)})
+    db_items = [r for _, r in s.items(model="q-match") if r.task == "arc_easy"]
+    s.put_model(ModelRecord("q-part", "quantized", "/m/q-part", "base", {"describe": "partial"}, 100 * syn.MiB))
+    s.put_items("q-part", db_items)  # arc_easy only (identical answers), smaller than q-match: no mmlu at all
+    a = analyze(s)
+    (miss,) = [r for r in a.noninferiority if (r.other, r.task) == ("q-part", "mmlu")]
+    assert miss.n == 0 and miss.deciding and not miss.shown
+    dep = next(r for r in recommendations(a) if r.topic == "deployment")
+    assert dep.model == "q-match"  # the smaller q-part passes arc_easy but was never scored on mmlu
+
+
+def test_no_disagreement_seen_plans_a_floor(tmp_path: Path) -> None:
+    from quantstudy.report.decide import needed_text
+
+    s = Store(tmp_path / "store.sqlite")
+    _big_study(s, 40, {"q-same": (0, 0)})
+    (r,) = [r for r in analyze(s).noninferiority if r.task == "arc_easy"]
+    # psi = 0: the planned n is the zero-discordance floor z^2 (1 - m) / m, labelled as a floor
+    assert r.n_needed == stats.n_noninferiority_binary(0.0, 0.01, 0.05)
+    assert needed_text(r) == f"at least ~{r.n_needed} items (no disagreement seen in 40)"

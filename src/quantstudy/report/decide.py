@@ -153,11 +153,17 @@ def noninferiority(a: Analysis, cols: dict) -> list[NonInferiority]:
     for m in cands:
         for mt in a.metrics:
             primary = next(x for x in a.metrics if x.task == mt.task)
-            if cols[m.parent, mt] and cols[m.name, mt]:
-                r = assess(m.parent, m.name, mt, cols[m.parent, mt], cols[m.name, mt], dc, alpha,  # type: ignore[arg-type]
-                           is_deciding(dc, mt, primary))
-                if r:
-                    out.append(r)
+            deciding = is_deciding(dc, mt, primary)
+            if not cols[m.parent, mt]:
+                continue
+            r = (assess(m.parent, m.name, mt, cols[m.parent, mt], cols[m.name, mt],  # type: ignore[arg-type]
+                        dc, alpha, deciding) if cols[m.name, mt] else None)
+            if r is None and deciding:  # a deciding metric the variant has no paired items for cannot pass
+                r = NonInferiority(m.parent, m.name, mt.task, mt.name, mt.kind, True, 0, math.nan, math.nan,  # type: ignore[arg-type]
+                                   math.nan, "no paired items", alpha, "not evaluated", None, None, None,
+                                   EVAL_ITEMS.get(mt.task))
+            if r:
+                out.append(r)
     return out
 
 
@@ -165,6 +171,8 @@ def needed_text(r: NonInferiority) -> str:
     """'~N items (has n; the task has M)' or why no n would do."""
     if r.n_needed is None:
         return "no estimate (no per-item variation)"
+    if r.discordance == 0:  # no disagreement seen in n items does not mean none: the n is a floor
+        return f"at least ~{r.n_needed} items (no disagreement seen in {r.n})"
     if r.available and r.n_needed > r.available:
         return f"~{r.n_needed} items (has {r.n}; the task has only {r.available})"
     return f"~{r.n_needed} items (has {r.n}" + (f" of {r.available})" if r.available else ")")
@@ -185,7 +193,8 @@ def plan_rows(cfg: StudyConfig, pilot: Path | None, discordance: float | None) -
         task = s.name.value
         if task == "wikitext":
             continue  # perplexity only: not an accuracy metric, not deciding by default
-        if dc.deciding is not None and task not in dc.deciding and not any(e.startswith(task + ".") for e in dc.deciding):
+        named = dc.deciding is None or task in dc.deciding or any(e.startswith(task + ".") for e in dc.deciding)
+        if not named:
             continue
         psi, src = observed.get(task, (discordance, "stated")) if pilot else (discordance, "stated")
         m, kind = margin_of(dc, task)
@@ -199,6 +208,7 @@ def plan_rows(cfg: StudyConfig, pilot: Path | None, discordance: float | None) -
         avail = EVAL_ITEMS.get(task)
         verdict = ("yes" if planned and need and need <= planned else
                    "no: the task has %d" % avail if avail and need and need > avail else "no: raise the limit")
+        src += "; none seen: n is a floor" if psi == 0 else ""
         rows.append([task, f"{m:g} pt", f"{psi:.3f}", src, str(need), str(planned or "-"), verdict])
     note = (f"One-sided Tango score test at alpha {dc.alpha:g} / {max(1, len(expand_variants(cfg)))} variants = "
             f"{alpha:.4f}, power {dc.power:.0%}, true loss 0 (Nam 1997's sample size for paired proportions). "

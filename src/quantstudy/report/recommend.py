@@ -102,14 +102,18 @@ def _why_not(a: Analysis, cands: list[str]) -> str:
         same = [r for r in rows if r.label == label]
         if any(r.shown for r in same):
             continue
-        best = min(same, key=lambda r: r.bound)
+        best = min(same, key=lambda r: (r.n == 0, r.bound if r.n else 0.0))  # n = 0: no paired items, no bound
+        if best.n == 0:
+            out.append(f"{label}: no paired items")
+            continue
         needs = [r for r in same if r.n_needed]
         need = f"; would need {decide.needed_text(min(needs, key=lambda r: r.n_needed))}" if needs else ""
         out.append(f"{label}: best bound {100 * best.bound:.1f}{'%' if best.relative else ' pt'} ({best.other}) "
                    f"> margin {best.margin_note}{need}")
     if not out:  # each metric is passed by some variant, but no variant passes them all
         for name in cands:
-            fail = [f"{r.label} (bound {100 * r.bound:.1f} > {r.margin_note})" for r in rows if r.other == name and not r.shown]
+            fail = [f"{r.label} (bound {100 * r.bound:.1f} > {r.margin_note})" for r in rows
+                    if r.other == name and not r.shown]
             out += [f"{name} fails {', '.join(fail)}"] if fail else []
     return "; ".join(out)
 
@@ -121,7 +125,7 @@ def recommendations(a: Analysis) -> list[Recommendation]:
     quant = [m for m in a.models if m.role == "quantized"]
     tested = sorted({r.other for r in a.noninferiority})
     ni = {name: [r for r in a.noninferiority if r.other == name and r.deciding] for name in tested}
-    ok = [m for m in quant if m.name in ni and ni[m.name] and m.name not in flagged and all(r.shown for r in ni[m.name])]
+    ok = [m for m in quant if ni.get(m.name) and m.name not in flagged and all(r.shown for r in ni[m.name])]
     if ok:
         pick = min(ok, key=lambda m: (m.size_bytes or float("inf"), -(m.mean_acc or 0)))
         out.append(Recommendation("deployment", RULE_DEPLOY,

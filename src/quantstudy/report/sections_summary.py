@@ -177,8 +177,8 @@ def ranking(doc: Document, a: Analysis, rows: list[RankRow]) -> None:
                   [[str(r.rank), r.model, d.pct(r.mean_acc), d.size(r.size_bytes), "yes" if r.pareto else "no",
                     ", ".join(r.better) or d.DASH, ", ".join(r.worse) or d.DASH, r.vs_next or d.DASH] for r in rows],
                   "Ordered by mean accuracy (point estimate). Vs next rank: distinguishable only where a Holm-"
-                  f"significant paired test on a right/wrong metric (alpha {stats.ALPHA}) separates them; pairs the study "
-                  "does not plan are not tested. Better/worse: Holm-significant paired tests against the parent."))
+                  f"significant paired test on a right/wrong metric (alpha {stats.ALPHA}) separates them; pairs the "
+                  "study does not plan are not tested. Better/worse: Holm-significant paired tests against the parent."))
     doc.add(Image("accuracy_vs_size", "Mean accuracy vs size on disk with the Pareto front"))
 
 
