@@ -89,3 +89,16 @@ def test_readme_study_file_is_valid() -> None:
     assert [v.name for v in expand_variants(cfg)] == ["gptq-w4g128-c215", "gptq-w4g128-c512",
                                                       "awq-w4g128-c215", "awq-w4g128-c512"]
     assert cfg.train is not None and cfg.fidelity is not None and cfg.evaluate is not None
+
+
+def test_fields_added_later_join_the_stage_key_text_only_when_set():
+    """Stage keys hash str(config section): a study made before evaluate.speed.{backend,batch,rounds}
+    and a task's chat_template_kwargs/alias existed must keep its cached evaluate/fidelity stages."""
+    plain = cfg(evaluate={"tasks": [{"name": "gsm8k", "limit": 5}], "speed": {"prompts": 4}}).evaluate
+    text = str(plain)  # the text the evaluate key hashes
+    assert "SpeedConfig(prompts=4, max_new_tokens=64, warmup=1)" in text  # older fields stay, defaults included
+    for added in ("batch=", "rounds=", "chat_template_kwargs=", "alias=", "SpeedBackend"):
+        assert added not in text
+    set_ = cfg(evaluate={"tasks": [{"name": "gsm8k", "limit": 5, "alias": "g"}],
+                        "speed": {"prompts": 4, "rounds": 5}}).evaluate
+    assert "rounds=5" in str(set_) and "alias='g'" in str(set_)

@@ -11,7 +11,7 @@ import difflib
 import re
 from enum import Enum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -20,6 +20,15 @@ from quantstudy.errors import QuantStudyError
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
+    # Stage keys hash str(config section). Fields added after studies were run are listed here:
+    # they join the text (and so the key) only when set away from their default, so a study made
+    # before they existed keeps its cached stages.
+    _added_later: ClassVar[frozenset[str]] = frozenset()
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        for k, v in super().__repr_args__():
+            if k not in self._added_later or v != type(self).model_fields[k].default:
+                yield k, v
 
 
 # --------------------------------------------------------------------------- enums
@@ -263,6 +272,7 @@ class TaskSpec(Strict):
     # the name results are stored and reported under (default: the task's name); a task listed
     # twice with different settings (e.g. thinking on/off) needs a distinct alias on each extra entry
     alias: str | None = None
+    _added_later = frozenset({"chat_template_kwargs", "alias"})
 
     @field_validator("alias")
     @classmethod
@@ -289,6 +299,7 @@ class SpeedConfig(Strict):
     backend: SpeedBackend = SpeedBackend.packed
     batch: int = Field(8, ge=1)  # the larger batch decode is also measured at (prompts beyond N are not used)
     rounds: int = Field(3, ge=1)  # interleaved parent/model rounds behind the paired speed-up
+    _added_later = frozenset({"backend", "batch", "rounds"})
 
 
 class EvalBackend(str, Enum):

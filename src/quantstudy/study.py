@@ -90,7 +90,9 @@ def plan(ctx: RunContext) -> list[Step]:
                 # a derived model is measured paired with its parent (same window, interleaved)
                 parent = parent_of.get(name)
                 pair = [model_keys[parent]] if parent else []
-                steps.append(Step("measure", name, key_of("measure", mkey, cfg.evaluate.speed, versions, *tpl, *pair),
+                # "paired": figures measured before the paired, packed-kernel method are not reused
+                steps.append(Step("measure", name, key_of("measure", "paired", mkey, cfg.evaluate.speed, versions,
+                                                          *tpl, *pair),
                                   parents=[parent] if parent else []))
     if cfg.fidelity is not None:
         for s in [s for s in steps if s.stage == "quantize"]:
