@@ -62,8 +62,8 @@ def open_study(config: Path, data_dir: Optional[Path], debug: bool, lock: bool =
     from quantstudy.context import RunContext
     from quantstudy.environment import resolve_device
     from quantstudy.lock import study_lock
-    from quantstudy.store import Store
     from quantstudy.logs import Output
+    from quantstudy.store import Store
 
     out = Output(verbose)  # before anything loads a library: it takes over loguru's console sink
     cfg = load_config(config)
