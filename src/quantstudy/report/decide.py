@@ -31,6 +31,7 @@ from pydantic import ValidationError
 
 from quantstudy import stats
 from quantstudy.config import DecisionConfig, MarginKind, TaskName
+from quantstudy.estimate import FULL_ITEMS
 from quantstudy.report.items import Column, Kind, Metric
 
 if TYPE_CHECKING:
@@ -39,8 +40,7 @@ if TYPE_CHECKING:
 
 # Items in each built-in task's evaluation split (the offline data and the hub's agree; a test counts
 # them): what "does the task have that many items" is checked against.
-EVAL_ITEMS = {"arc_easy": 2376, "arc_challenge": 1172, "hellaswag": 10042, "mmlu": 14042, "squad_v2": 11873,
-              "gsm8k": 1319, "openmathinstruct2": 1000, "wikitext": 62}
+EVAL_ITEMS = {t.value: n for t, n in FULL_ITEMS.items()}  # evaluation-split sizes, written once in estimate.py
 
 
 @dataclass
