@@ -103,3 +103,21 @@ def test_plain_progress_rate_and_eta(monkeypatch):
 def test_terminal_gets_rich_bars():
     con = Console(file=io.StringIO(), force_terminal=True)
     assert not isinstance(progress.make_progress(con), progress.PlainProgress)
+
+
+def test_quantize_shows_calibration_progress_per_layer(root):
+    """GPTQ's calibration gets a bar over its subgraphs (one per decoder layer, plus the head's): with a
+    progress line per update, the last one reads total/total, so the total matches what llm-compressor
+    calibrates."""
+    import json
+
+    exe = Path(sys.executable).with_name("quantstudy")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "QUANTSTUDY_PROGRESS_SECONDS": "0"}
+    r = subprocess.run([str(exe), "quantize", str(write_study(root, "calprog"))], cwd=root, env=env,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout
+    layers = json.loads((root / "tiny" / "config.json").read_text())["num_hidden_layers"]
+    seen = re.findall(r"calibrated layers: (\d+)/(\d+)", r.stdout)
+    assert seen, r.stdout
+    assert [int(d) for d, _ in seen] == list(range(1, layers + 2)), r.stdout
+    assert {int(t) for _, t in seen} == {layers + 1}

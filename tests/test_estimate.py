@@ -93,3 +93,25 @@ def _ctx_stub(root: Path):
     from types import SimpleNamespace
 
     return SimpleNamespace(cfg=SimpleNamespace(model=SimpleNamespace(source="tiny")), config_dir=root)
+
+
+def test_plan_writes_nothing(root):
+    """`plan` runs nothing and must leave no trace: no study folder, no empty store."""
+    plan_text(root, "est-d")
+    assert not (root / "out-est-d").exists()
+
+
+def test_measure_estimate_follows_rounds_and_tokens(root, monkeypatch):
+    from quantstudy.cli import open_study
+    from quantstudy.study import plan
+
+    def measure_secs(name: str, speed: dict) -> float:
+        plan_text(root, name, evaluate={"tasks": ["arc_easy"], "speed": speed})
+        with open_study(root / f"{name}.yaml", None, False, lock=False, planning=True) as ctx:
+            steps = plan(ctx)
+            return sum(t for s, t in zip(steps, estimate.stage_seconds(ctx, steps)) if s.stage == "measure")
+
+    one = measure_secs("est-m1", {"prompts": 4, "max_new_tokens": 16, "rounds": 1})
+    three = measure_secs("est-m3", {"prompts": 4, "max_new_tokens": 16, "rounds": 3})
+    longer = measure_secs("est-m4", {"prompts": 4, "max_new_tokens": 32, "rounds": 1})
+    assert three > longer > one > 0

@@ -219,7 +219,16 @@ def test_smollm2_packed_equals_decompressed(smol_quantized, shared_data, key):
         check_against_reference(packed.get_submodule(n), dense.get_submodule(n).weight.detach(), seen[n])
     kl = (lq.exp() * (lq - lp)).sum(-1).mean().item()
     agree = (lq.argmax(-1) == lp.argmax(-1)).float().mean().item()
-    print(f"{key}: KL(decompressed || packed) {kl:.5f} nats/token, top-1 agreement {agree:.3f}")
-    assert kl < 0.01 and agree > 0.95
+    # the reference for "within bf16 tolerance": the same decompressed weights run dense in bf16. The
+    # packed model may differ from float32 only as much as bf16 activations do (30 layers of bf16
+    # rounding flip near-tied top-1 tokens: ~5% of positions on this text), not more.
+    bf16, _ = load_pretrained(path, dtype="bfloat16")
+    with torch.inference_mode():
+        lb = torch.log_softmax(bf16(ids).logits[0].float(), -1)
+    kl_b = (lq.exp() * (lq - lb)).sum(-1).mean().item()
+    agree_b = (lq.argmax(-1) == lb.argmax(-1)).float().mean().item()
+    print(f"{key}: KL(decompressed || packed) {kl:.5f} nats/token, top-1 agreement {agree:.3f}; "
+          f"dense bf16: {kl_b:.5f}, {agree_b:.3f}")
+    assert kl < 0.01 and kl < 1.5 * kl_b + 1e-4 and agree >= agree_b - 0.02
     # 4-bit packed + bf16 scales vs the float32 dense model: resident bytes well under half
     assert rep.resident_bytes < 0.5 * sum(p.numel() * 4 for p in dense.parameters())

@@ -82,8 +82,12 @@ def open_study(config: Path, data_dir: Optional[Path], debug: bool, lock: bool =
         if not planning:
             raise
         device = f"{cfg.device.value} (requested; not available on this machine: `run` will stop here)"
-    sdir.mkdir(parents=True, exist_ok=True)
-    with (study_lock(sdir) if lock else contextlib.nullcontext()), Store(sdir / "store.sqlite") as store:
+    store_path: Path | str = sdir / "store.sqlite"
+    if planning and not Path(store_path).exists():
+        store_path = ":memory:"  # `plan` writes nothing: a study not yet run has nothing cached, and no folder
+    else:
+        sdir.mkdir(parents=True, exist_ok=True)
+    with (study_lock(sdir) if lock else contextlib.nullcontext()), Store(store_path) as store:
         yield RunContext(cfg, sdir, cdir, store, ddir, device, out.console, debug, out)
 
 

@@ -26,15 +26,18 @@ QUANTIZE_S = {Method.rtn: (5.0, 0.0), Method.gptq: (40.0, 0.008), Method.awq: (3
 FIDELITY_S_PER_TOKEN = 0.0012
 TRAIN_S_PER_ROW = 2.0  # LoRA, max_seq_len 384: README's train_speed benchmark (200 rows in 6.6 min)
 # evaluation: seconds per multiple-choice / rolling item, or per generated-token slot (items x max_new_tokens).
-# Measured (load ~1.7): ARC-Easy 40 items 4.2-4.9 s, wikitext 4.3-5.4 s per document, GSM8K 3 items x 64
-# tokens 21-27 s (a batch of 3; a fuller batch costs less per slot). The other rates are guesses scaled
-# from these (prompt length, answers that stop early): replace them with a quiet demo run's time.eval.*.
-EVAL_S_PER_ITEM = {TaskName.arc_easy: 0.11, TaskName.arc_challenge: 0.13, TaskName.hellaswag: 0.2,
-                   TaskName.mmlu: 0.35, TaskName.wikitext: 5.0}
-EVAL_S_PER_GEN_TOKEN = {TaskName.squad_v2: 0.015, TaskName.gsm8k: 0.04, TaskName.openmathinstruct2: 0.025}
-# the speed benchmark: a fresh process loading the model(s), then prompts x tokens per side; measured
-# (load ~1.7): 70-90 s paired with the parent for 2 prompts x 16 tokens + 1 warm-up
-MEASURE_FIXED_S, MEASURE_S_PER_TOKEN = 55.0, 0.08
+# Measured on the demo's base model (load ~2, 2026-12-04): ARC-Easy 40 items 3.9 s, ARC-Challenge 40 6.3 s,
+# HellaSwag 40 8.0 s, MMLU 57 14.8 s, WikiText 2 documents 33.1 s, SQuAD v2 20 x 128 slots 10.7 s (answers
+# stop early), GSM8K 10 x 128 66.9 s (5-shot prompts, answers run long), OpenMathInstruct-2 10 x 128 28.4 s.
+EVAL_S_PER_ITEM = {TaskName.arc_easy: 0.1, TaskName.arc_challenge: 0.16, TaskName.hellaswag: 0.2,
+                   TaskName.mmlu: 0.26, TaskName.wikitext: 16.5}
+EVAL_S_PER_GEN_TOKEN = {TaskName.squad_v2: 0.0042, TaskName.gsm8k: 0.052, TaskName.openmathinstruct2: 0.022}
+# the speed benchmark: two processes (a root model in bf16 and float32, or a derived model and its
+# parent), each loading its model and warming up (MEASURE_FIXED_S in all, with the packed-vs-dense
+# numerics check), then per round and side the prompts one at a time and one batch, max_new_tokens
+# each; seconds per generated token of dense bf16 on this AVX2 CPU (no native bf16): 16.5 tok/s at
+# batch 1, ~12 tok/s at batch 8 (benchmarks/packed_speed.py; float32 9.4, packed int4 ~19 at batch 1)
+MEASURE_FIXED_S, MEASURE_S_PER_TOKEN, MEASURE_S_PER_BATCH_TOKEN = 40.0, 0.07, 0.08
 # items in the evaluated split when no limit is set (the offline files of ../shared/data)
 FULL_ITEMS = {TaskName.arc_easy: 2376, TaskName.arc_challenge: 1172, TaskName.hellaswag: 10042,
               TaskName.mmlu: 14042, TaskName.squad_v2: 11873, TaskName.gsm8k: 1319,
@@ -107,8 +110,9 @@ def stage_seconds(ctx: Any, steps: list[Any]) -> list[float]:
                                        for spec in cfg.evaluate.task_specs()) * scale
         elif s.stage == "measure":
             sp = cfg.evaluate.speed
-            sides = 1 + len(s.parents)  # a derived model is measured paired with its parent
-            sec = (MEASURE_FIXED_S + MEASURE_S_PER_TOKEN * sides * (sp.prompts + sp.warmup) * sp.max_new_tokens) * scale
+            per_side_round = sp.max_new_tokens * (MEASURE_S_PER_TOKEN * sp.prompts +
+                                                  MEASURE_S_PER_BATCH_TOKEN * min(sp.batch, sp.prompts))
+            sec = (MEASURE_FIXED_S + 2 * sp.rounds * per_side_round) * scale  # two sides, interleaved
         elif s.stage == "fidelity":
             f = cfg.fidelity
             passes = 1 if s.parents[0] in baselines else 2  # the parent's top-k cache is computed once

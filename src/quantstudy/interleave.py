@@ -21,6 +21,7 @@ from typing import Any
 MMAP_THRESHOLD = 256 << 10  # bytes; see fixed_mmap_threshold
 BUSY_MARGIN = 0.5  # cores: competing demand beyond the spare cores, or a difference between sides, above this
 N_BOOT = 2000
+WARMUP_TOKENS = 8  # new tokens per warm-up call
 
 
 def _status(key: str) -> int:
@@ -31,10 +32,17 @@ def _status(key: str) -> int:
 
 
 def busy_seconds() -> float:
-    """CPU-seconds all cores spent busy since boot (/proc/stat: user nice system irq softirq steal)."""
-    parts = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in parts[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    """CPU-seconds the cores this process may run on spent busy since boot (/proc/stat's per-core
+    lines: user nice system irq softirq steal). Only our affinity set: a job on other cores of a
+    bigger host does not compete with us, and `cores()` counts the same set."""
+    mine, ticks = os.sched_getaffinity(0), 0
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("cpu") and line[3:4].isdigit():
+            name, *fields = line.split()
+            if int(name[3:]) in mine:
+                user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+                ticks += user + nice + system + irq + softirq + steal
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def cores() -> int:
@@ -84,14 +92,16 @@ def _worker(job: dict[str, Any], inq: Any, outq: Any) -> None:
             model, tok, rep = load_packed(Path(job["path"]), dev, job["trust_remote_code"])
             resident, dense_layers = rep.resident_bytes, rep.dense
         else:
+            from quantstudy.packed import resident_bytes
+
             model, tok = load_pretrained(Path(job["path"]), dev, job["dtype"], job["trust_remote_code"])
-            resident = sum(t.numel() * t.element_size() for t in
-                           {id(t): t for t in list(model.parameters()) + list(model.buffers())}.values())
+            resident = resident_bytes(model)
         ids = encode_prompts(tok, job["prompts"], job.get("chat_kwargs"))
         batch = ids[:job["batch"]]
-        for _ in range(job["warmup"]):  # first calls pay one-off costs (allocator, kernels, caches)
-            generate_tokens(model, tok, [ids[0]], n_new, [], dev)
-            generate_tokens(model, tok, batch, n_new, [], dev)
+        for _ in range(job["warmup"]):  # first calls pay one-off costs (allocator, kernel selection, caches);
+            # a few tokens suffice for that, and a full-length warm-up doubled the stage's time on a CPU
+            generate_tokens(model, tok, [ids[0]], min(n_new, WARMUP_TOKENS), [], dev)
+            generate_tokens(model, tok, batch, min(n_new, WARMUP_TOKENS), [], dev)
         outq.put(("ready", None))
         while (cmd := inq.get()) != "stop":
             c0 = cpu()
@@ -151,7 +161,7 @@ class _Side:
 def interleave(ctx: Any, jobs: list[dict[str, Any]], rounds: int) -> list[dict[str, Any]]:
     """Measure the jobs in alternating rounds; one dict per job (stats of every round, batch rate,
     prefill, peak memory, other processes' CPU use and load average per round)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from quantstudy.progress import make_progress
 
     sides = [_Side(j) for j in jobs]
     out: list[dict[str, Any]] = [{"stats": [], "per_round": [], "batch_rates": [], "others": [], "load_1m": []}
@@ -159,8 +169,7 @@ def interleave(ctx: Any, jobs: list[dict[str, Any]], rounds: int) -> list[dict[s
     try:
         for s in sides:
             s.get("ready")
-        cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        with Progress(*cols, console=ctx.console) as progress:
+        with make_progress(ctx.console) as progress:  # rich bars on a terminal, timed plain lines elsewhere
             bar = progress.add_task(" vs ".join(j["name"] + f" ({j['backend']} {j['dtype']})" for j in jobs) +
                                     " · speed", total=rounds * len(jobs) * 2)
             for r in range(rounds):

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from quantstudy.chat import render
+from quantstudy.interleave import WARMUP_TOKENS
 from quantstudy.context import RunContext
 from quantstudy.models import weights_size
 from quantstudy.store import ModelRecord
@@ -96,7 +97,8 @@ def labels(ctx: RunContext, job: dict[str, Any], side: dict[str, Any], batch: in
             "weights": "packed" if packed else ("decompressed" if side["quantized"] else "dense"),
             "activation_dtype": job["dtype"], "device": ctx.device, "threads": side["threads"],
             "batch_size": batch, "n_prompts": len(job["prompts"]), "max_new_tokens": job["max_new_tokens"],
-            "warmup": job["warmup"], "chat_template": side["chat_template"], "rounds": side["rounds"],
+            "warmup": job["warmup"], "warmup_tokens": min(job["max_new_tokens"], WARMUP_TOKENS),
+            "chat_template": side["chat_template"], "rounds": side["rounds"],
             # prefill is a large-M matmul: the int4 kernel dequantizes per tile and is no faster than dense there
             "prefill": "not accelerated by the int4 kernel" if packed else "dense",
             "dense_layers": side.get("dense_layers", {}), "malloc_mmap_threshold": side.get("malloc_mmap_threshold"),
@@ -118,10 +120,12 @@ def _put_side(ctx: RunContext, name: str, job: dict[str, Any], side: dict[str, A
     store.put_metric(name, f"speed.{prefix}batch_tokens_per_s", side["batch_tokens_per_s"],
                      {**binfo, "measured": f"generated tokens of one batch of {side['batch']} prompts over its wall "
                       "time (sequences drop out as they stop)"})
+    # the peak covers everything the process did: loading, batch-1 requests and the batch of side["batch"]
+    how = ("CUDA allocator peak (torch.cuda.max_memory_allocated)" if ctx.device == "cuda" else
+           "process peak RSS (VmHWM of a fresh process that loaded only this model)")
     store.put_metric(name, f"memory.{prefix}peak_bytes", float(side["peak"]),
-                     {**info, "measured": "CUDA allocator peak (torch.cuda.max_memory_allocated)"
-                      if ctx.device == "cuda" else "process peak RSS (VmHWM of a fresh process that loaded only "
-                      "this model)", "rss_before_load_bytes": side["rss_before_load"]})
+                     {**binfo, "measured": f"{how}, over loading, batch-1 requests and one batch of {side['batch']} "
+                      f"prompts x {job['max_new_tokens']} new tokens", "rss_before_load_bytes": side["rss_before_load"]})
     store.put_metric(name, f"memory.{prefix}resident_weights_bytes", float(side["resident_bytes"]),
                      {**info, "measured": "bytes of parameters and buffers held after loading"})
 

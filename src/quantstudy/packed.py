@@ -196,16 +196,32 @@ class _Tensors:
         with open(f, "rb", buffering=0) as h:
             h.seek(b)
             if out_dtype == dtype or not shape or not shape[0]:
-                h.readinto(out.view(-1).view(torch.uint8).numpy())
+                _read_exact(h, out.view(-1).view(torch.uint8).numpy(), f, key)
                 return out
             row_bytes = (e - b) // shape[0]
             rows = max(1, _CHUNK // max(1, row_bytes))
             for i in range(0, shape[0], rows):
                 j = min(shape[0], i + rows)
                 buf = torch.empty((j - i) * row_bytes, dtype=torch.uint8)
-                h.readinto(buf.numpy())
+                _read_exact(h, buf.numpy(), f, key)
                 out[i:j] = buf.view(dtype).reshape(j - i, *shape[1:])
         return out
+
+
+def _read_exact(h: Any, buf: Any, f: Path, key: str) -> None:
+    """readinto may return fewer bytes (a truncated file ends early): that is a damaged file, not zeros."""
+    got = h.readinto(buf)
+    if got != buf.nbytes:
+        from quantstudy.models import DAMAGED_FIX
+
+        raise QuantStudyError(f"safetensors file is truncated: tensor {key} has {got} of {buf.nbytes} bytes",
+                              field="model path", value=str(f), fix=DAMAGED_FIX)
+
+
+def resident_bytes(model: nn.Module) -> int:
+    """Bytes of the parameters and buffers a loaded model holds (a tied tensor counted once)."""
+    return sum(t.numel() * t.element_size() for t in
+               {id(t): t for t in list(model.parameters()) + list(model.buffers())}.values())
 
 
 def load_packed(path: Path, device: str = "cpu", trust_remote_code: bool = False) -> tuple[Any, Any, PackReport]:
@@ -218,7 +234,10 @@ def load_packed(path: Path, device: str = "cpu", trust_remote_code: bool = False
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from quantstudy.models import check_model_dir
+
     path = Path(path)
+    check_model_dir(path, field="model path")  # a damaged config or safetensors file: one clear error
     raw = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
     if raw.get("quant_method") != "compressed-tensors" or raw.get("format") != "pack-quantized":
         raise QuantStudyError("the packed backend runs compressed-tensors `pack-quantized` (W4A16) models only",
@@ -276,8 +295,7 @@ def load_packed(path: Path, device: str = "cpu", trust_remote_code: bool = False
                               value=still_meta[:5], fix=f"the files in {path} do not match its config.json "
                               f"(missing {sorted(missing)[:5]}); re-save the model")
     model.to(device).eval()
-    report.resident_bytes = sum(t.numel() * t.element_size() for t in
-                                {id(t): t for t in list(model.parameters()) + list(model.buffers())}.values())
+    report.resident_bytes = resident_bytes(model)
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

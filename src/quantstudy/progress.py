@@ -8,10 +8,11 @@ gets one line with its time and its headline result, read back from the store.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
-from typing import Any
+from typing import Any, Iterator
 
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn,
@@ -90,6 +91,33 @@ class PlainProgress:
 
 
 _last_line = [0.0]  # monotonic time of the last plain progress line, shared with the heartbeat
+
+
+@contextlib.contextmanager
+def calibration_progress(console: Console, label: str, layers: int) -> Iterator[None]:
+    """A bar over llm-compressor's sequential calibration: one step per calibrated subgraph (a decoder
+    layer; the last one holds the final norm and head, hence layers + 1).
+
+    llm-compressor shows this only as a tqdm bar per subgraph, which goes to the stage's log file; its
+    public lifecycle event `LifecycleCallbacks.sequential_epoch_end` fires once per subgraph after
+    that subgraph is calibrated and compressed, so we count its calls for the duration of the stage."""
+    from llmcompressor.core import LifecycleCallbacks
+
+    raw = LifecycleCallbacks.__dict__["sequential_epoch_end"]  # the classmethod object, restored as is
+    original = LifecycleCallbacks.sequential_epoch_end
+    with make_progress(console) as prog:
+        bar = prog.add_task(label, total=layers + 1)
+
+        def counted(*args: Any, **kw: Any) -> Any:
+            out = original(*args, **kw)
+            prog.advance(bar)
+            return out
+
+        LifecycleCallbacks.sequential_epoch_end = counted  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            LifecycleCallbacks.sequential_epoch_end = raw  # type: ignore[method-assign]
 
 
 class Heartbeat:

@@ -143,10 +143,14 @@ def run_step(ctx: RunContext, step: Step) -> None:
         _replace_model(ctx, rec, step.key)
         artifact = rec.path
     elif step.stage == "quantize":
+        from quantstudy.progress import calibration_progress
         from quantstudy.quantize import quantize_model
 
-        rec = quantize_model(ctx, variant_of(ctx, step.model), _model(ctx, step.parents[0]), step.model,
-                             models_dir / step.model)
+        v, parent = variant_of(ctx, step.model), _model(ctx, step.parents[0])
+        bar = (calibration_progress(ctx.console, f"{step.model} · calibrated layers", _layers(parent))
+               if v.calibration is not None else contextlib.nullcontext())  # RTN calibrates nothing
+        with bar:
+            rec = quantize_model(ctx, v, parent, step.model, models_dir / step.model)
         _replace_model(ctx, rec, step.key)
         artifact = rec.path
     elif step.stage == "evaluate":
@@ -163,6 +167,12 @@ def run_step(ctx: RunContext, step: Step) -> None:
         fidelity_model(ctx, _model(ctx, step.model), _model(ctx, step.parents[0]))
     step.seconds = time.perf_counter() - t0
     store.stage_finish(step.key, artifact, {"seconds": step.seconds})
+
+
+def _layers(rec: ModelRecord) -> int:
+    """Decoder layers of a model directory (its config.json; a multimodal config nests them)."""
+    cfg = json.loads((Path(rec.path) / "config.json").read_text())
+    return int(cfg.get("text_config", cfg).get("num_hidden_layers", 0))
 
 
 def _model(ctx: RunContext, name: str) -> ModelRecord:
