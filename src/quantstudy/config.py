@@ -11,11 +11,12 @@ import difflib
 import re
 from enum import Enum
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Literal
+from typing import Annotated, Any, ClassVar, Iterator, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from quantstudy.errors import QuantStudyError
+from quantstudy.schemes import Scheme
 
 
 class Strict(BaseModel):
@@ -36,6 +37,7 @@ class Method(str, Enum):
     gptq = "gptq"
     awq = "awq"
     rtn = "rtn"
+    autoround = "autoround"  # Intel's AutoRound (llm-compressor's AutoRoundModifier)
 
 
 class CalibSource(str, Enum):
@@ -159,10 +161,38 @@ class AWQOptions(Strict):
     n_grid: int = Field(20, ge=1)
 
 
+class SmoothQuantOptions(Strict):
+    """SmoothQuant in front of the method (activation-quantized schemes); a list of strengths expands."""
+
+    strength: float | list[float] = 0.8
+
+    @field_validator("strength")
+    @classmethod
+    def _strength(cls, v: float | list[float]) -> float | list[float]:
+        for x in v if isinstance(v, list) else [v]:
+            if not 0 < x < 1:
+                raise ValueError(f"smoothquant strength must be between 0 and 1 (llm-compressor's default 0.5), got {x}")
+        return v
+
+
+class AutoRoundOptions(Strict):
+    """Passed through to llm-compressor's AutoRoundModifier."""
+
+    iters: int = Field(200, ge=0)  # sign-SGD steps per decoder block
+    lr: float | None = Field(None, gt=0)  # None: AutoRound's default (1 / iters)
+    batch_size: int = Field(8, ge=1)
+    # None: on where torch.compile works (CUDA); off on CPU, where it is not worth its compile time
+    enable_torch_compile: bool | None = None
+
+
 class QuantizeEntry(Strict):
     """One entry of `quantize:`; list-valued fields are expanded into a cross product."""
 
     method: Method | list[Method]
+    # a compressed-tensors preset (schemes.py); None: int weights of `bits`, 16-bit activations
+    scheme: Scheme | list[Scheme] | None = None
+    smoothquant: SmoothQuantOptions | None = None
+    autoround: AutoRoundOptions = AutoRoundOptions()
     bits: int | list[int] = 4
     group_size: int | Literal["channel"] | list[int | Literal["channel"]] = 128
     symmetric: bool | list[bool] = True
@@ -171,6 +201,7 @@ class QuantizeEntry(Strict):
     awq: AWQOptions = AWQOptions()
     calibration: CalibrationConfig | None = None  # per-entry override of the study's
     name: str | None = None  # explicit name; only allowed when the entry expands to one
+    _added_later = frozenset({"scheme", "smoothquant", "autoround"})
 
     @field_validator("name")
     @classmethod
@@ -287,6 +318,42 @@ class TaskSpec(Strict):
         return self.alias or self.name.value
 
 
+class LMEvalTaskSpec(Strict):
+    """A task or group from lm-evaluation-harness's registry, or from the user's own task YAML
+    (`include_path`: a folder of YAML files or one file, relative to the study file). lm-eval builds
+    it (tasks/lmeval_tasks.py); quantstudy's scorers answer its requests."""
+
+    lmeval: str  # a task, group or tag name (`winogrande`, or the `task:` of a YAML under include_path)
+    include_path: str | None = None
+    limit: int | None = Field(None, ge=1)
+    num_fewshot: int | None = None  # None = the task's own num_fewshot (lm-eval's default)
+    chat_template: bool | None = None  # None = evaluate.chat_template
+    chat_template_kwargs: dict[str, Any] | None = None
+    max_new_tokens: int | None = Field(None, ge=1)  # generate_until: None = the task's max_gen_toks
+    alias: str | None = None
+
+    @field_validator("lmeval")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}", v):
+            raise ValueError("lmeval names a registered task/group (e.g. winogrande) or the `task:` name of a YAML "
+                             "file under include_path; put the file's folder in include_path")
+        return v
+
+    _safe_alias = field_validator("alias")(TaskSpec._safe_alias.__func__)  # type: ignore[attr-defined]
+
+    @property
+    def key(self) -> str:
+        return self.alias or self.lmeval
+
+
+def _task_entry_kind(v: Any) -> str:
+    """Which kind of `evaluate.tasks` entry a value is, so a bad entry gets only its own kind's errors."""
+    if isinstance(v, dict):
+        return "LMEvalTaskSpec" if "lmeval" in v else "TaskSpec"
+    return type(v).__name__ if isinstance(v, (TaskSpec, LMEvalTaskSpec)) else "TaskName"
+
+
 class SpeedBackend(str, Enum):
     packed = "packed"  # W4A16 variants on torch's int4 kernels (quantstudy.packed); other models dense
     dense = "dense"  # every model as transformers loads it (compressed-tensors decompressed to dense)
@@ -308,7 +375,9 @@ class EvalBackend(str, Enum):
 
 
 class EvaluateConfig(Strict):
-    tasks: list[TaskName | TaskSpec] = Field(default_factory=lambda: [TaskName.arc_easy])
+    tasks: list[Annotated[Annotated[TaskName, Tag("TaskName")] | Annotated[TaskSpec, Tag("TaskSpec")]
+                          | Annotated[LMEvalTaskSpec, Tag("LMEvalTaskSpec")], Discriminator(_task_entry_kind)]] = \
+        Field(default_factory=lambda: [TaskName.arc_easy])
     backend: EvalBackend = EvalBackend.fast
     limit: int | None = Field(None, ge=1)  # per task; None = all items
     limit_mode: LimitMode = LimitMode.first
@@ -318,6 +387,10 @@ class EvaluateConfig(Strict):
     max_new_tokens: int = Field(256, ge=1)
     seed: int = 1234
     speed: SpeedConfig | None = SpeedConfig()
+    # lm-eval task YAML from an include_path may name Python functions (`!function`): running them
+    # runs the user's code, so it is refused unless set (registry tasks are trusted like lm-eval itself)
+    trust_task_code: bool = False
+    _added_later = frozenset({"trust_task_code"})
 
     @field_validator("tasks")
     @classmethod
@@ -328,8 +401,10 @@ class EvaluateConfig(Strict):
         return v
 
     def task_specs(self) -> list[TaskSpec]:
-        out = [t if isinstance(t, TaskSpec) else TaskSpec(name=t) for t in self.tasks]
-        seen = [t.key for t in out]
+        """The built-in tasks, with the evaluate-level defaults filled in (lm-eval tasks: lmeval_specs)."""
+        out = [t if isinstance(t, TaskSpec) else TaskSpec(name=t) for t in self.tasks
+               if not isinstance(t, LMEvalTaskSpec)]
+        seen = [t.key for t in out] + [t.key for t in self.tasks if isinstance(t, LMEvalTaskSpec)]
         dup = {n for n in seen if seen.count(n) > 1}
         if dup:
             raise QuantStudyError("a task is listed twice under the same name", field="evaluate.tasks",
@@ -342,6 +417,14 @@ class EvaluateConfig(Strict):
                      chat_template_kwargs=t.chat_template_kwargs, alias=t.alias)
             for t in out
         ]
+
+    def lmeval_specs(self) -> list[LMEvalTaskSpec]:
+        """The lm-eval tasks, with the evaluate-level limit, num_fewshot and chat_template filled in."""
+        return [t.model_copy(update={"limit": t.limit if t.limit is not None else self.limit,
+                                     "num_fewshot": t.num_fewshot if t.num_fewshot is not None else self.num_fewshot,
+                                     "chat_template": t.chat_template if t.chat_template is not None
+                                     else self.chat_template})
+                for t in self.tasks if isinstance(t, LMEvalTaskSpec)]
 
 
 class FidelityConfig(Strict):
@@ -420,6 +503,16 @@ class StudyConfig(Strict):
                              "(add one, or choose sharegpt/openmathinstruct2/gsm8k/wikitext/jsonl)")
         return self
 
+    @model_validator(mode="after")
+    def _scheme_combinations(self) -> StudyConfig:
+        from quantstudy.schemes import check_entry  # one rule table for load time, plan and docs
+
+        for i, e in enumerate(self.quantize):
+            for m in e.method if isinstance(e.method, list) else [e.method]:
+                for s in e.scheme if isinstance(e.scheme, list) else [e.scheme]:
+                    check_entry(i, m.value, s, e.model_fields_set, e.smoothquant is not None, e.group_size)
+        return self
+
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
@@ -459,7 +552,9 @@ def _explain(err: dict[str, Any]) -> str:
     where = _loc(loc) or "(top level)"
     kind, value = err["type"], err.get("input")
     if kind == "extra_forbidden":
-        model = _model_at(loc)
+        # a tagged union member (an evaluate.tasks entry) names its class right before the field
+        tag = err["loc"][-2] if len(err["loc"]) > 1 else None
+        model = {"TaskSpec": TaskSpec, "LMEvalTaskSpec": LMEvalTaskSpec}.get(str(tag)) or _model_at(loc)
         known = list(model.model_fields) if model else []
         close = difflib.get_close_matches(str(loc[-1]), known, n=1)
         fix = f"did you mean `{close[0]}`?" if close else f"remove it; known fields here: {', '.join(known)}"

@@ -213,6 +213,10 @@ def evaluate_model(ctx: RunContext, model: st.ModelRecord) -> None:
                 ctx.store.put_metric(model.name, f"time.eval.{spec.key}", time.perf_counter() - t0,
                                      {"items_scored": len(todo), "items": len(prompts)})
             write_metrics(ctx, model.name, task, spec, [have[p.item.id] for p in prompts])
+        for lspec in ecfg.lmeval_specs():  # lm-eval registry / user YAML tasks (#20)
+            from quantstudy.tasks.lmeval_tasks import evaluate_entry
+
+            evaluate_entry(ctx, lazy, lspec, progress, model.name)
 
 
 def write_metrics(ctx: RunContext, model: str, task: Task, spec: TaskSpec, records: list[st.ItemRecord]) -> None:

@@ -18,6 +18,7 @@ from typing import Callable
 
 from quantstudy import environment
 from quantstudy.calibration import check_held_out
+from quantstudy.config import LMEvalTaskSpec
 from quantstudy.context import RunContext
 from quantstudy.models import (SourceKind, check_model_dir, classify, file_sha256, builtin_gguf,
                                resolve_source, weights_hash, weights_size)
@@ -60,6 +61,12 @@ def source_fingerprint(ctx: RunContext) -> str:
     return key_of("hub", m.source, m.revision or "main")
 
 
+def lmeval_plan_check(spec: LMEvalTaskSpec, config_dir: Path, trust: bool) -> str:
+    from quantstudy.tasks.lmeval_load import plan_check  # imports lm-eval: only for studies that use it
+
+    return plan_check(spec, config_dir, trust)
+
+
 def plan(ctx: RunContext) -> list[Step]:
     """The ordered list of stages the study needs, each marked cached or to run."""
     cfg, store, versions = ctx.cfg, ctx.store, environment.versions()
@@ -73,6 +80,10 @@ def plan(ctx: RunContext) -> list[Step]:
     think = [] if (cfg.model.think_start_token, cfg.model.think_end_token) == ("<think>", "</think>") else \
         [cfg.model.think_start_token, cfg.model.think_end_token]
     roots = [(BASE, steps[0].key)]
+    # lm-eval tasks (#20): found, trusted and their data reachable, checked now (plan time); their user
+    # YAML, code and data files join the evaluate key only when such tasks are listed
+    lmeval = [lmeval_plan_check(s, ctx.config_dir, cfg.evaluate.trust_task_code)
+              for s in (cfg.evaluate.lmeval_specs() if cfg.evaluate else [])]
     if cfg.train is not None:
         steps.append(Step("train", TRAINED, key_of("train", steps[0].key, cfg.train, versions, *tpl), parents=[BASE]))
         roots.append((TRAINED, steps[-1].key))
@@ -85,7 +96,7 @@ def plan(ctx: RunContext) -> list[Step]:
     for name, mkey in list(model_keys.items()):
         if cfg.evaluate is not None:
             steps.append(Step("evaluate", name, key_of("evaluate", mkey, cfg.evaluate, ctx.data_id, versions,
-                                                       *tpl, *think)))
+                                                       *tpl, *think, *lmeval)))
             if cfg.evaluate.speed is not None:
                 # a derived model is measured paired with its parent (same window, interleaved)
                 parent = parent_of.get(name)
