@@ -96,7 +96,10 @@ def build_prompts(task: Task, items: list[Item], data_dir: Path | None, num_fews
 def score_prompts(task: Task, prompts: list[Prompt], scorer: Scorer, max_new_tokens: int,
                   chat: bool, think: tuple[str, str | None] = ("<think>", "</think>"),
                   key: str | None = None) -> list[st.ItemRecord]:
-    """Score one batch of prompts; latency = batch wall time / items (generation: per request).
+    """Score one batch of prompts; latency = batch wall time / items. Generation: the scorer's own
+    per-request figure (fast backend: the request's share of each forward pass it took part in, a
+    step's time split over the rows in it, so the latencies of a call add up to its compute time,
+    whatever the batch; lm-eval backend: batch time / rows).
 
     Generative tasks score the answer after a reasoning block (`think`: start and end markers,
     end None = no extraction); the block's text and token count go into the item's details.
@@ -139,13 +142,15 @@ def score_prompts(task: Task, prompts: list[Prompt], scorer: Scorer, max_new_tok
 
 def items_per_call(kind: Kind, batch_size: int) -> int:
     """Items per scorer call, which is also how often scored items are written to the store.
-    Generation: one batch. Perplexity: one document (its windows are the batch). Multiple choice:
-    8 batches' worth, because the prefix-sharing scorer bin-packs the questions of one call into
-    rows, and more questions pack tighter (HellaSwag, SmolLM2 tokens: 8.9% padding at 16 items
-    per call, 2.4% at 128); a kill loses at most one call (~20 s on a 2-core CPU)."""
+    Perplexity: one document (its windows are the batch). Multiple choice: 8 batches' worth,
+    because the prefix-sharing scorer bin-packs the questions of one call into rows, and more
+    questions pack tighter (HellaSwag, SmolLM2 tokens: 8.9% padding at 16 items per call, 2.4% at
+    128); a kill loses at most one call (~20 s on a 2-core CPU). Generation: 8 batches' worth too,
+    because a call is one continuous batch: finished rows take the next request, so only the
+    call's last requests run in a shrinking batch (a kill loses at most one call, ~1-2 min)."""
     if kind is Kind.rolling:
         return 1
-    return batch_size * 8 if kind is Kind.multiple_choice else batch_size
+    return batch_size * 8
 
 
 def _fresh(rec: st.ItemRecord | None, p: Prompt, task: Task, max_new: int) -> bool:
@@ -174,6 +179,12 @@ class _Model:
             cfg = self.ctx.cfg.model
             model, self._tok = load_pretrained(Path(self.rec.path), device=self.ctx.device, dtype=cfg.dtype.value,
                                                trust_remote_code=cfg.trust_remote_code)
+            from quantstudy.schemes import prepare_loaded
+
+            # what the scored model does to its activations, read off the loaded modules (#22)
+            handling = prepare_loaded(model)
+            self.ctx.store.put_metric(self.rec.name, "activations.evaluate",
+                                      float(handling["activations_quantized"]), handling)
             self._scorer = make_scorer(self.ctx, model, self._tok)
         return self._scorer
 
@@ -197,8 +208,8 @@ def evaluate_model(ctx: RunContext, model: st.ModelRecord) -> None:
             bar = progress.add_task(f"{model.name} · {spec.key}", total=len(prompts),
                                     completed=len(prompts) - len(todo))
             step = items_per_call(task.kind, ecfg.batch_size)
-            if task.kind is Kind.multiple_choice:  # questions with shared prompt prefixes share a call, so
-                todo.sort(key=lambda p: p.context)  # the prefix tree computes them once (MMLU 5-shot: 27% fewer tokens)
+            if task.kind is not Kind.rolling:  # questions with shared prompt prefixes share a call, so the prefix
+                todo.sort(key=lambda p: p.context)  # is computed once (MMLU 5-shot: 27% fewer tokens; SQuAD: a passage)
             scorer = lazy.scorer() if todo else None  # loaded before the clock starts: load time is not task time
             t0 = time.perf_counter()
             for b in range(0, len(todo), step):

@@ -190,8 +190,12 @@ def _progress(ctx: RunContext, label: str, total: int):
 def _load(path: str, ctx: RunContext) -> tuple[Any, Any]:
     from quantstudy.models import load_pretrained
 
-    return load_pretrained(Path(path), device=ctx.device, dtype=ctx.cfg.model.dtype.value,
-                           trust_remote_code=ctx.cfg.model.trust_remote_code)
+    from quantstudy.schemes import prepare_loaded
+
+    model, tok = load_pretrained(Path(path), device=ctx.device, dtype=ctx.cfg.model.dtype.value,
+                                 trust_remote_code=ctx.cfg.model.trust_remote_code)
+    prepare_loaded(model)  # FP4 checkpoints: weights in the model's dtype (schemes.py)
+    return model, tok
 
 
 def cache_key(ctx: RunContext, baseline: ModelRecord, ids: np.ndarray, fcfg: FidelityConfig) -> str:
@@ -315,6 +319,10 @@ def fidelity_model(ctx: RunContext, variant: ModelRecord, baseline: ModelRecord)
     if not np.array_equal(tokenize(vtok, text, fcfg.tokens), ids):
         raise QuantStudyError(f"variant {variant.name} tokenizes the text differently from {baseline.name}",
                               fix="compare a variant only with the model it was derived from (same tokenizer)")
+    from quantstudy.schemes import activation_handling
+
+    ctx.store.put_metric(variant.name, "activations.fidelity",  # read off the loaded modules (#22)
+                         float(activation_handling(model)["quantized_layers"] > 0), activation_handling(model))
     tok = variant_pass(ctx, model, ids, base, fcfg, variant.name)
     info = {"baseline": baseline.name, "source": source, "top_k": fcfg.top_k, "context_length": fcfg.context_length,
             "stride": fcfg.stride or fcfg.context_length, "tokens_requested": fcfg.tokens, "approximation": APPROX_NOTE}

@@ -38,23 +38,57 @@ def _onednn_op():
     return op if ok else None
 
 
+def _wrapper_is_identity(m: torch.nn.Module) -> bool:
+    """True when a module's own `forward` (an instance attribute some library set) computes plain
+    F.linear: compressed-tensors' quantized forward of a layer with no activation quantization whose
+    weights are already dequantized (status COMPRESSED or later skips weight fake-quantization). Any
+    other wrapper (W8A8/FP8 per-token input quantization, weight fake-quantization, hooks of other
+    libraries) must keep running, or a W8A8 model would be scored as W8A16 (#22).
+
+    A model transformers loads from compressed-tensors has compressed-tensors' offload wrapper on
+    every module (it onloads parameters, a no-op with weights on the CPU, the only case swapped);
+    the function it wraps is kept in `_original_forward_func`."""
+    own = m.__dict__.get("forward")
+    if own is None:
+        return True
+    inner = getattr(m, "_original_forward_func", None) or getattr(own, "__func__", own)
+    if inner is torch.nn.Linear.forward:
+        return True
+    scheme, status = getattr(m, "quantization_scheme", None), getattr(m, "quantization_status", None)
+    if scheme is None or status is None:
+        return False  # an unknown wrapper: leave it alone
+    if not getattr(m, "quantization_enabled", True):
+        return True
+    from compressed_tensors.quantization import QuantizationStatus
+
+    return (scheme.input_activations is None and scheme.output_activations is None
+            and (scheme.weights is None or status >= QuantizationStatus.COMPRESSED))
+
+
 @contextlib.contextmanager
 def onednn_linear(model: torch.nn.Module) -> Iterator[int]:
     """Run the model's float32 CPU nn.Linear layers on oneDNN inside the block; yields how many.
 
     Only exact nn.Linear instances (not LoRA or packed-quantization subclasses) with float32
-    weights on the CPU are swapped; everything else runs as before.
+    weights on the CPU are swapped, and only where their forward is Linear's own or a wrapper that
+    computes the same (`_wrapper_is_identity`); everything else runs as before, and a wrapper that
+    was swapped out is put back afterwards.
     """
     op = _onednn_op()
     swapped = []
     if op is not None:
         for m in model.modules():
-            if type(m) is torch.nn.Linear and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32:
-                # an instance attribute shadows Linear.forward; deleting it restores the class method
+            if (type(m) is torch.nn.Linear and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32
+                    and _wrapper_is_identity(m)):
+                # an instance attribute shadows Linear.forward; restoring the previous one (or deleting
+                # ours, where there was none) puts the module back as it was
+                swapped.append((m, m.__dict__.get("forward")))
                 m.forward = (lambda m: lambda x: op(x, m.weight, m.bias, "none", [], ""))(m)
-                swapped.append(m)
     try:
         yield len(swapped)
     finally:
-        for m in swapped:
-            del m.forward
+        for m, before in swapped:
+            if before is None:
+                del m.forward
+            else:
+                m.forward = before

@@ -1,14 +1,17 @@
-"""Quantization stage: GPTQ, AWQ and RTN through llm-compressor, saved as compressed-tensors.
+"""Quantization stage: GPTQ, AWQ, RTN and AutoRound through llm-compressor, optionally behind
+SmoothQuant, to a compressed-tensors scheme (W4A16 ... W8A8, FP8_DYNAMIC, NVFP4A16; schemes.py).
 
 llm-compressor does the work; this module builds its recipe from a `Variant`, checks what
-would fail late (group sizes) before any calibration, captures the per-layer error and
-time llm-compressor reports, and writes the output directory atomically.
+would fail late (group sizes, also a scheme's fixed groups) before any calibration, captures the
+per-layer error and time llm-compressor reports (AutoRound: its per-block loss), and writes the
+output directory atomically.
 """
 
 from __future__ import annotations
 
 import ast
 import contextlib
+import logging
 import os
 import re
 import shutil
@@ -63,28 +66,47 @@ def check_group_size(shapes: dict[str, int], v: Variant) -> None:
         fix=f"use group_size {' or '.join(map(str, ok))}, or add those layers to `ignore`")
 
 
-def build_recipe(v: Variant) -> list[Any]:
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+def autoround_compile(v: Variant) -> bool:
+    """AutoRound's torch.compile of its tuning loop: the study's choice, else on only with CUDA. On this
+    CPU (torch 2.13) compiling a SmolLM2 block costs more than the few tuning steps it speeds up."""
+    import torch
 
-    weights = QuantizationArgs(
-        num_bits=v.bits, type="int", symmetric=v.symmetric,
-        strategy="channel" if v.group_size is None else "group", group_size=v.group_size,
-        actorder=v.gptq.actorder if v.method == Method.gptq and v.group_size else None)
-    groups = {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}  # activations stay 16-bit
+    want = v.autoround.enable_torch_compile
+    return torch.cuda.is_available() if want is None else want
+
+
+def build_recipe(v: Variant) -> list[Any]:
+    from quantstudy.schemes import quantization_scheme
+
+    actorder = v.gptq.actorder if v.method == Method.gptq and v.group_size else None
+    scheme = quantization_scheme(v.scheme, v.bits, v.group_size, v.symmetric, actorder)
+    groups = {"group_0": scheme}
     ignore = list(v.ignore)
+    front: list[Any] = []
+    if v.smoothquant is not None:  # moves activation outliers into the weights before they are quantized
+        from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
+
+        front = [SmoothQuantModifier(smoothing_strength=v.smoothquant, ignore=ignore)]
     if v.method == Method.gptq:
         from llmcompressor.modifiers.quantization import GPTQModifier
 
         # batched_quantization=None: one layer at a time, so each logged error names one layer
-        return [GPTQModifier(config_groups=groups, ignore=ignore, dampening_frac=v.gptq.dampening_frac,
-                             block_size=v.gptq.block_size, actorder=weights.actorder, batched_quantization=None)]
+        return front + [GPTQModifier(config_groups=groups, ignore=ignore, dampening_frac=v.gptq.dampening_frac,
+                                     block_size=v.gptq.block_size, actorder=scheme.weights.actorder,
+                                     batched_quantization=None)]
     if v.method == Method.awq:
         from llmcompressor.modifiers.awq import AWQModifier
 
         return [AWQModifier(config_groups=groups, ignore=ignore, duo_scaling=v.awq.duo_scaling, n_grid=v.awq.n_grid)]
+    if v.method == Method.autoround:
+        from llmcompressor.modifiers.autoround import AutoRoundModifier
+
+        a = v.autoround
+        return front + [AutoRoundModifier(config_groups=groups, ignore=ignore, iters=a.iters, lr=a.lr,
+                                          batch_size=a.batch_size, enable_torch_compile=autoround_compile(v))]
     from llmcompressor.modifiers.quantization import QuantizationModifier
 
-    return [QuantizationModifier(config_groups=groups, ignore=ignore)]
+    return front + [QuantizationModifier(config_groups=groups, ignore=ignore)]
 
 
 @contextlib.contextmanager
@@ -118,11 +140,14 @@ class LayerReport:
         # vector cannot be folded from one into the other.
         self.awq_skipped: dict[str, str] = {}
         self.awq_skipped_count = 0  # from llm-compressor's own "N mappings were skipped" warning
+        self.autoround_unquantized: dict[str, list[str]] = {}  # decoder block -> layers AutoRound kept float
 
     def sink(self, message: Any) -> None:
         r = message.record
         text = r["message"]
         if m := re.match(r"Quantizing 1 module\(s\): \['(.+)'\]", text):
+            self._current = m.group(1)
+        elif m := re.match(r"Applying AutoRound on layer (\S+)", text):  # loguru, before each decoder block
             self._current = m.group(1)
         elif r["level"].name == "METRIC" and self._current:
             if m := re.match(r"(time|error) ([0-9.eE+-]+)s?$", text):
@@ -140,15 +165,39 @@ class LayerReport:
                 self.rows[row["layer_name"]] = {"error": float(row["best_error"]),
                                                 "initial_error": float(row["initial_error"])}
 
+    def autoround_record(self, record: logging.LogRecord) -> None:
+        """auto_round's per-block result, through the standard `logging` module (logger "autoround"):
+        'quantized 7/7 layers in the block, loss iter 0: 0.000123 -> iter 37: 0.000045'; the loss is
+        the block's output MSE against the unquantized block, stored like GPTQ's per-layer error."""
+        text = record.getMessage()
+        if (u := re.match(r"Unquantized layers: (\[.*\])", text)) and self._current:
+            try:  # layers of the block AutoRound left in float (shapes its kernels do not take)
+                self.autoround_unquantized[self._current] = list(ast.literal_eval(u.group(1)))
+            except (ValueError, SyntaxError):
+                self.autoround_unquantized[self._current] = [u.group(1)]
+        m = re.search(r"loss iter 0: ([0-9.eE+-]+) -> iter (\d+): ([0-9.eE+-]+)", text)
+        if m and self._current:
+            self.rows[self._current] = {"error": float(m.group(3)), "initial_error": float(m.group(1)),
+                                        "best_iter": float(m.group(2))}
+
     @contextlib.contextmanager
     def capture(self) -> Iterator[None]:
         from loguru import logger
 
         handle = logger.add(self.sink, level="DEBUG", format="{message}")
+        report = self
+
+        class _Handler(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                report.autoround_record(record)
+
+        ar, h = logging.getLogger("autoround"), _Handler(logging.INFO)
+        ar.addHandler(h)  # auto_round's logger does not propagate; a handler of our own sees its lines
         try:
             yield
         finally:
             logger.remove(handle)
+            ar.removeHandler(h)
 
 
 def run_oneshot(model: Any, tokenizer: Any, v: Variant, dataset: Any | None, max_seq_len: int,
@@ -224,8 +273,20 @@ def quantize_model(ctx: Any, v: Variant, parent: Any, name: str, out_dir: Path) 
         if skipped:
             ctx.console.print(f"  AWQ: {len(rows)} smoothing mappings applied, {skipped} skipped "
                               f"({'; '.join(sorted(set(report.awq_skipped.values()))) or 'incompatible shapes'})")
+    from quantstudy.schemes import bits_per_weight, info
+
+    if report.autoround_unquantized:  # said, not hidden: these layers stay full precision
+        store.put_metric(name, "quantize.autoround_unquantized_layers",
+                         float(sum(map(len, report.autoround_unquantized.values()))), report.autoround_unquantized)
+        ctx.console.print(f"  AutoRound left {sum(map(len, report.autoround_unquantized.values()))} layers unquantized")
     spec = {"method": v.method.value, "bits": v.bits, "group_size": v.group_size, "symmetric": v.symmetric,
             "ignore": list(v.ignore), "describe": v.describe(),
+            "scheme": v.scheme.value if v.scheme else f"W{v.bits}A16",
+            "activations": info(v.scheme).activations if v.scheme else None,
+            "smoothquant": v.smoothquant,
+            "autoround": ({**v.autoround.model_dump(), "enable_torch_compile": autoround_compile(v)}
+                          if v.method == Method.autoround else None),
+            **bits_per_weight(out_dir),
             "calibration": None if v.calibration is None else {
                 "source": v.calibration.source.value, "samples": v.calibration.samples,
                 "max_seq_len": v.calibration.max_seq_len, "seed": v.calibration.seed,

@@ -1,0 +1,219 @@
+"""Quantization schemes beyond W4A16 (#22): config rules, the activation quantization a W8A8 checkpoint
+declares applied by the evaluation path, FP4 on CPU, real bits per weight, AutoRound's per-block loss.
+Real llm-compressor runs on a tiny random Llama; references are llm-compressor's own fake-quantized
+model and hand computations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from quantstudy import kernels
+from quantstudy.config import load_config, parse_config
+from quantstudy.errors import QuantStudyError
+from quantstudy.fastscore import FastScorer
+from quantstudy.models import load_pretrained
+from quantstudy.quantize import check_group_size, linear_shapes, run_oneshot
+from quantstudy.schemes import activation_handling, bits_per_weight, prepare_loaded
+from quantstudy.study import key_of
+from quantstudy.variants import expand_variants
+from tests.tiny import make_tiny_model, text
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cfg(*entries, samples=8):
+    return parse_config({"name": "t", "model": {"source": "x"}, "calibration": {"samples": samples, "max_seq_len": 64},
+                         "quantize": list(entries)})
+
+
+# --------------------------------------------------------------------------- config
+def test_scheme_entries_expand_to_readable_names():
+    c = cfg({"method": "gptq", "scheme": "W8A8", "smoothquant": {"strength": [0.5, 0.8]}},
+            {"method": "rtn", "scheme": ["FP8_DYNAMIC", "NVFP4A16"]},
+            {"method": ["gptq", "autoround"], "scheme": "W4A16", "group_size": 64}, samples=512)
+    vs = {v.name: v for v in expand_variants(c)}
+    assert list(vs) == ["gptq-w8a8-smooth0.5-c512", "gptq-w8a8-smooth0.8-c512", "rtn-fp8dyn", "rtn-nvfp4a16",
+                        "gptq-w4a16g64-c512", "autoround-w4a16g64-c512"]
+    w8a8 = vs["gptq-w8a8-smooth0.8-c512"]
+    assert (w8a8.bits, w8a8.group_size, w8a8.smoothquant, w8a8.quantizes_activations) == (8, None, 0.8, True)
+    assert "int8 dynamic per-token" in w8a8.describe() and "SmoothQuant 0.8" in w8a8.describe()
+    assert (vs["rtn-nvfp4a16"].group_size, vs["rtn-nvfp4a16"].calibration) == (16, None)  # the format's groups
+    assert not vs["gptq-w4a16g64-c512"].quantizes_activations
+
+
+@pytest.mark.parametrize("entry, field, words", [
+    ({"method": "awq", "scheme": "W8A8"}, "quantize[0].method", "use method gptq or rtn"),
+    ({"method": "autoround", "scheme": "FP8_DYNAMIC"}, "quantize[0].method", "activation-quantized"),
+    ({"method": "gptq", "scheme": "W8A8", "bits": 8}, "quantize[0].bits", "remove `bits`"),
+    ({"method": "gptq", "scheme": "FP8_DYNAMIC", "group_size": 64}, "quantize[0].group_size", "per-channel"),
+    ({"method": "gptq", "scheme": "W4A16", "smoothquant": {}}, "quantize[0].smoothquant", "use scheme: W8A8"),
+    ({"method": "gptq", "smoothquant": {}}, "quantize[0].smoothquant", "weight-only"),
+    ({"method": "awq", "scheme": "W8A8", "smoothquant": {}}, "quantize[0].smoothquant", "AWQ applies its own"),
+])
+def test_impossible_combinations_fail_at_load_with_the_fix(entry, field, words):
+    with pytest.raises(QuantStudyError) as e:
+        cfg(entry)
+    assert str(e.value).startswith(field) and words in str(e.value) and "Fix:" in str(e.value)
+
+
+def test_unknown_scheme_is_one_load_error_listing_the_schemes():
+    with pytest.raises(QuantStudyError, match=r"quantize\[0\]\.scheme: 'W9A9' is not allowed.*'W8A8'"):
+        cfg({"method": "gptq", "scheme": "W9A9"})
+
+
+# quantize-stage keys of the existing studies, computed with the code before schemes existed (commit
+# 0faf6ab: `key_of("quantize", v)` for each expanded variant); new fields at their defaults must not move them
+OLD_KEYS = {"smollm2-demo": {"gptq-w4g64-c32": "2cbf6722aa5a8352cf0d260d", "awq-w4g64-c32": "2fc101ac349733e1ca1a1dd9",
+                             "rtn-w4g64": "f3fc6570050d14916975c6f0"},
+            "seed-000-smollm2": {"gptq-w4g64-c100": "38d5ee3d2179b39a2975838d"},
+            "qwen3-4b-gptq-awq": {"gptq-w4g128-c215": "ee9409fce273d89ed14b246f",
+                                  "gptq-w4g128-c512": "d1c89d7d9c7388a54c31ae76",
+                                  "awq-w4g128-c215": "8994fe5e2c9533ef4df24606",
+                                  "awq-w4g128-c512": "9016faf4cc9ae0042ac736b7"}}
+
+
+@pytest.mark.parametrize("study", sorted(OLD_KEYS))
+def test_existing_studies_keep_their_quantize_keys(study):
+    c = load_config(REPO / "studies" / f"{study}.yaml")
+    assert {v.name: key_of("quantize", v) for v in expand_variants(c)} == OLD_KEYS[study]
+    assert all("scheme" not in str(v) and "autoround" not in str(v) for v in expand_variants(c))
+    set_ = expand_variants(cfg({"method": "gptq", "scheme": "W4A16", "group_size": 64}))[0]
+    assert "scheme=<Scheme.W4A16" in str(set_)  # and a variant that sets it is keyed by it
+
+
+# --------------------------------------------------------------------------- real runs on a tiny model
+@pytest.fixture(scope="module")
+def tiny96(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("s") / "m", hidden=96, intermediate=192)
+
+
+def quantize(tiny: Path, out: Path, entry: dict) -> tuple[Path, torch.nn.Module, dict]:
+    """Quantize; return the checkpoint, llm-compressor's in-memory (fake-quantized) model and the layer rows."""
+    from tests.test_quantize import calib_dataset
+
+    v = expand_variants(cfg(entry))[0]
+    model, tok = load_pretrained(tiny)
+    rows, _ = run_oneshot(model, tok, v, None if v.calibration is None else calib_dataset(tok), 64, out)
+    return out, model.eval(), rows
+
+
+def pairs(tok, n=6):
+    ids = [tok(text(40 + i, 25))["input_ids"] for i in range(n)]
+    return [(x[:12], x[12:]) for x in ids]
+
+
+def reference_loglik(model, prs) -> list[float]:
+    out = []
+    with torch.no_grad():
+        for ctx, cont in prs:
+            logp = model(torch.tensor([ctx + cont[:-1]])).logits.float().log_softmax(-1)[0]
+            out.append(sum(logp[len(ctx) - 1 + j, t].item() for j, t in enumerate(cont)))
+    return out
+
+
+def test_w8a8_is_scored_with_its_activation_quantization(tiny96, tmp_path):
+    """The evaluation path (load_pretrained + FastScorer, whose float32 Linear layers run on oneDNN)
+    applies W8A8's per-token int8 input quantization: its log-likelihoods equal llm-compressor's own
+    fake-quantized model's and differ from the same weights with 16-bit activations (W8A16)."""
+    out, fake, _ = quantize(tiny96, tmp_path / "w8a8", {"method": "rtn", "scheme": "W8A8"})
+    model, tok = load_pretrained(out)
+    handling = prepare_loaded(model)
+    assert handling["activations_quantized"] and handling["quantized_layers"] == 2 * 7
+    assert list(handling["kinds"]) == ["int8 dynamic per-token"]
+    q = model.model.layers[0].mlp.down_proj
+    wrapper = q.__dict__["forward"]
+    prs = pairs(tok)
+    want = reference_loglik(fake, prs)
+    got = [lp for lp, _ in FastScorer(model, tok, batch_size=4).score_tokens(prs)]
+    assert got == pytest.approx(want, abs=2e-4)
+    assert q.__dict__["forward"] is wrapper  # the quantization wrapper survives scoring
+    assert reference_loglik(model, prs) == pytest.approx(want, abs=2e-4)  # and still runs afterwards
+
+    a16, _ = load_pretrained(out)  # the same int8 weights, inputs left in float32
+    for m in a16.modules():
+        if getattr(m, "quantization_scheme", None) is not None:
+            m.quantization_enabled = False  # weights are already dequantized: only the input QDQ goes
+    assert activation_handling(a16)["quantized_layers"] == 0
+    w8a16 = [lp for lp, _ in FastScorer(a16, tok, batch_size=4).score_tokens(prs)]
+    gap = max(abs(x - y) for x, y in zip(w8a16, want))
+    assert gap > 50 * 2e-4, gap  # activation quantization is visible at this tolerance
+
+
+def test_onednn_swap_keeps_weight_only_models_fast_and_restores_wrappers(tiny96, tmp_path):
+    out, _, _ = quantize(tiny96, tmp_path / "w4", {"method": "rtn", "scheme": "W4A16", "group_size": 32})
+    model, _ = load_pretrained(out)
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    before = {id(m): m.__dict__.get("forward") for m in linears}
+    assert all(f is not None for f in before.values())  # compressed-tensors wraps every module it loads
+    with kernels.onednn_linear(model) as n:
+        if kernels._onednn_op() is not None:
+            assert n == len(linears) == 2 * 7 + 1  # weight-only wrappers compute F.linear: all swapped
+    assert all(m.__dict__.get("forward") is before[id(m)] for m in linears)
+
+
+def test_bits_per_weight_include_scales(tiny96, tmp_path):
+    # per block: in x out of q, k, v, o, gate, up, down
+    shapes = [(96, 96), (96, 48), (96, 48), (96, 96), (96, 192), (96, 192), (192, 96)]
+    weights = 2 * sum(i * o for i, o in shapes)
+    out_rows = 2 * sum(o for _, o in shapes)
+    cases = {  # scheme -> hand count of bits per weight (float32 scales: the model's dtype; fp8/e8m0 scales 8 bits)
+        ("W8A8", None): 8 + 32 * out_rows / weights,  # one float32 scale per output row
+        ("W4A16", 32): 4 + 32 / 32,  # one float32 scale per 32 weights, symmetric: no zero point
+        ("NVFP4A16", None): 4 + 8 / 16 + 32 * 14 / weights,  # fp8 scale per 16, one float32 global scale per layer
+        ("MXFP4A16", None): 4 + 8 / 32,  # one power-of-two (uint8) scale per 32
+    }
+    for (scheme, g), want in cases.items():
+        entry = {"method": "rtn", "scheme": scheme, **({"group_size": g} if g else {})}
+        out, _, _ = quantize(tiny96, tmp_path / scheme, entry)
+        got = bits_per_weight(out)
+        assert got["bits_per_weight"] == pytest.approx(want, rel=1e-9), scheme
+        assert got["quantized_weights"] == weights
+
+
+def test_fp4_runs_in_float32_after_loading(tiny96, tmp_path):
+    """NVFP4A16/MXFP4A16 decompress to bf16 weights inside a float32 model; a float32 forward then fails
+    in torch. prepare_loaded casts them (exactly) and the model runs; MXFP4's weights sit on the FP4
+    grid: at most 15 distinct values (E2M1: +-{0, .5, 1, 1.5, 2, 3, 4, 6}) per group of 32."""
+    for scheme in ("NVFP4A16", "MXFP4A16"):
+        out, _, _ = quantize(tiny96, tmp_path / scheme, {"method": "rtn", "scheme": scheme})
+        model, tok = load_pretrained(out)
+        w = model.model.layers[0].mlp.down_proj.weight
+        assert w.dtype == torch.bfloat16
+        ids = torch.tensor([tok(text(3, 20))["input_ids"]])
+        with pytest.raises(RuntimeError, match="dtype"), torch.no_grad():
+            model(ids)  # if torch or compressed-tensors starts handling this, the cast can go
+        bf16 = w.detach().clone()
+        handling = prepare_loaded(model)
+        assert handling["weights_cast_to_model_dtype"] == 2 * 7 and not handling["activations_quantized"]
+        w = model.model.layers[0].mlp.down_proj.weight
+        assert w.dtype == torch.float32 and torch.equal(w.to(torch.bfloat16), bf16)
+        with torch.no_grad():
+            assert torch.isfinite(model(ids).logits).all()
+        if scheme == "MXFP4A16":
+            groups = w.detach().reshape(w.shape[0], -1, 32)
+            assert max(len(torch.unique(groups[r, j])) for r in range(0, w.shape[0], 5)
+                       for j in range(groups.shape[1])) <= 15
+
+
+def test_group_size_check_applies_to_scheme_presets(tiny96):
+    shapes = linear_shapes(tiny96)  # widths 96 and 192: W4A16's preset 128 does not divide them
+    with pytest.raises(QuantStudyError, match="group_size 128 does not divide"):
+        check_group_size(shapes, expand_variants(cfg({"method": "gptq", "scheme": "W4A16"}))[0])
+    check_group_size(shapes, expand_variants(cfg({"method": "rtn", "scheme": "MXFP4A16"}))[0])  # 32 divides
+
+
+def test_autoround_records_its_per_block_loss(tiny96, tmp_path):
+    """AutoRound's loss per decoder block comes through the standard logging module; it is stored like
+    GPTQ's per-layer error. torch.compile stays off on a CPU (compiling costs more than it saves)."""
+    v = expand_variants(cfg({"method": "autoround", "scheme": "W4A16", "group_size": 32,
+                             "autoround": {"iters": 3, "batch_size": 4}}))[0]
+    from quantstudy.quantize import autoround_compile
+
+    assert autoround_compile(v) is torch.cuda.is_available()
+    _, _, rows = quantize(tiny96, tmp_path / "ar", {"method": "autoround", "scheme": "W4A16", "group_size": 32,
+                                                    "autoround": {"iters": 3, "batch_size": 4}})
+    assert sorted(rows) == ["model.layers.0", "model.layers.1"]
+    assert all(r["error"] >= 0 and r["error"] <= r["initial_error"] for r in rows.values())
