@@ -217,3 +217,32 @@ def test_autoround_records_its_per_block_loss(tiny96, tmp_path):
                                                     "autoround": {"iters": 3, "batch_size": 4}})
     assert sorted(rows) == ["model.layers.0", "model.layers.1"]
     assert all(r["error"] >= 0 and r["error"] <= r["initial_error"] for r in rows.values())
+
+
+# --------------------------------------------------------------------------- report
+def test_report_pairs_schemes_at_equal_method():
+    from quantstudy.report.analysis import ModelInfo, PairKind, plan_pairs
+
+    cal = {"source": "sharegpt", "samples": 32, "max_seq_len": 256, "seed": 0}
+
+    def info(name, method, scheme, bits, group, smooth=None, calib=cal, acts=None):
+        spec = {"method": method, "bits": bits, "group_size": group, "symmetric": True, "ignore": ["lm_head"],
+                "calibration": calib, "scheme": scheme, "smoothquant": smooth, "activations": acts}
+        return ModelInfo(name, "quantized", "base", name, "/x", 1, spec, "h")
+
+    models = [ModelInfo("base", "baseline", None, "original weights", "/b", 2, {}, "b"),
+              info("gptq-w4a16g64-c32", "gptq", "W4A16", 4, 64),
+              info("autoround-w4a16g64-c32", "autoround", "W4A16", 4, 64),
+              info("gptq-w8a8-smooth0.8-c32", "gptq", "W8A8", 8, None, 0.8, acts="int8 dynamic per-token"),
+              info("rtn-fp8dyn", "rtn", "FP8_DYNAMIC", 8, None, calib=None, acts="fp8"),
+              info("rtn-nvfp4a16", "rtn", "NVFP4A16", 4, 16, calib=None)]
+    got = {(p.kind, p.ref, p.other) for p in plan_pairs(models) if p.kind != PairKind.parent}
+    assert got == {(PairKind.method, "gptq-w4a16g64-c32", "autoround-w4a16g64-c32"),
+                   (PairKind.scheme, "gptq-w4a16g64-c32", "gptq-w8a8-smooth0.8-c32"),
+                   (PairKind.scheme, "rtn-fp8dyn", "rtn-nvfp4a16")}
+    title = next(p.title for p in plan_pairs(models) if p.kind == PairKind.scheme and p.ref.startswith("gptq"))
+    assert title.startswith("W8A8 vs W4A16 at the same method (GPTQ, 32 sharegpt")
+    # stores made before schemes existed record none: their W4 vs W8 variants stay unpaired, as before
+    for m in models[1:]:
+        del m.spec["scheme"]
+    assert not [p for p in plan_pairs(models) if p.kind == PairKind.scheme]

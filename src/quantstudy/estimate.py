@@ -22,7 +22,8 @@ REFERENCE_PARAMS = 135e6  # SmolLM2-135M: the model the rates below were measure
 # calibration token; fidelity per scored token (a variant pass; the baseline pass once per parent).
 RESOLVE_S = {"builtin": 45.0, "gguf": 45.0, "local": 3.0, "hub": 10.0}
 LOAD_S = 4.0
-QUANTIZE_S = {Method.rtn: (5.0, 0.0), Method.gptq: (40.0, 0.008), Method.awq: (30.0, 0.05)}
+QUANTIZE_S = {Method.rtn: (5.0, 0.0), Method.gptq: (40.0, 0.008), Method.awq: (30.0, 0.05),
+              Method.autoround: (30.0, 0.03)}  # autoround: a guess at 50 iterations (#22), to replace with time.quantize
 FIDELITY_S_PER_TOKEN = 0.0012
 TRAIN_S_PER_ROW = 2.0  # LoRA, max_seq_len 384: README's train_speed benchmark (200 rows in 6.6 min)
 # evaluation: seconds per multiple-choice / rolling item, or per generated-token slot (items x max_new_tokens).

@@ -176,6 +176,7 @@ def prepare_loaded(model: Any) -> dict[str, Any]:
                 cast += 1
     out = activation_handling(model)
     out["weights_cast_to_model_dtype"] = cast
+    out["dtype"] = str(dtype).removeprefix("torch.")
     out["activations_quantized"] = out["quantized_layers"] > 0
     return out
 

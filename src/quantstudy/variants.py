@@ -47,11 +47,14 @@ class Variant(Strict):
             si = info(self.scheme)
             w = f"{si.weight_type}{si.bits} weights {g}{'' if si.symmetric else ' asym'}"
             s = (f"{'SmoothQuant ' + format(self.smoothquant, 'g') + ' + ' if self.smoothquant is not None else ''}"
-                 f"{self.method.value.upper()} {self.scheme.value} ({w}, activations "
+                 f"{_METHOD_LABEL.get(self.method.value, self.method.value.upper())} {self.scheme.value} ({w}, activations "
                  f"{si.activations or '16-bit (not quantized)'})")
         if self.calibration is not None:
             s += f", {self.calibration.samples} {self.calibration.source.value} samples"
         return s
+
+
+_METHOD_LABEL = {"autoround": "AutoRound"}  # others print upper-case (GPTQ, AWQ, RTN)
 
 
 def _as_list(v: Any) -> list[Any]:

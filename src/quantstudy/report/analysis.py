@@ -26,6 +26,7 @@ class PairKind(str, Enum):
     method = "method at equal calibration"
     calibration = "calibration size at equal method"
     training = "trained vs base at equal quantization"
+    scheme = "scheme at equal method"  # e.g. W8A8 vs W4A16, both GPTQ at equal calibration (#22)
 
 
 @dataclass
@@ -49,6 +50,8 @@ class ModelInfo:
     mean_acc: float | None = None  # unweighted mean of the primary right/wrong metric over tasks
     acc_tasks: list[str] = field(default_factory=list)
     pareto: bool = False  # on the accuracy-vs-size Pareto front
+    # how the Linear inputs were handled when this model was evaluated, read off the loaded modules (#22)
+    eval_activations: dict[str, Any] | None = None
 
 
 @dataclass
@@ -107,14 +110,19 @@ def _quant_key(m: ModelInfo, *drop: str) -> tuple | None:
         return None
     cal = s.get("calibration") or {}
     full = {"method": s.get("method"), "bits": s.get("bits"), "group_size": s.get("group_size"),
-            "symmetric": s.get("symmetric"), "ignore": tuple(s.get("ignore") or ()), "source": cal.get("source"),
+            "symmetric": s.get("symmetric"), "scheme": s.get("scheme") or f"W{s.get('bits')}A16",
+            "smoothquant": s.get("smoothquant"), "ignore": tuple(s.get("ignore") or ()), "source": cal.get("source"),
             "samples": cal.get("samples"), "max_seq_len": cal.get("max_seq_len"), "seed": cal.get("seed")}
     return tuple(v for k, v in full.items() if k not in drop)
 
 
 def _weights(m: ModelInfo) -> str:
     g = m.spec.get("group_size")
-    return f"W{m.spec.get('bits')} {'per-channel' if g is None else f'g{g}'}"
+    w = f"W{m.spec.get('bits')} {'per-channel' if g is None else f'g{g}'}"
+    return f"{m.spec['scheme']} ({w})" if m.spec.get("scheme") and m.spec.get("activations") else w
+
+
+_SCHEME_FIELDS = ("scheme", "bits", "group_size", "symmetric", "smoothquant")  # what a scheme comparison lets differ
 
 
 def plan_pairs(models: list[ModelInfo]) -> list[Pair]:
@@ -139,6 +147,12 @@ def plan_pairs(models: list[ModelInfo]) -> list[Pair]:
                                 f"{a.spec['method'].upper()} vs {b.spec['method'].upper()}, {_weights(a)}, at equal "
                                 f"calibration ({a.spec['calibration'].get('samples')} "
                                 f"{a.spec['calibration'].get('source')} samples)"))
+            elif (_quant_key(a, *_SCHEME_FIELDS) == _quant_key(b, *_SCHEME_FIELDS)
+                  and a.spec.get("scheme") != b.spec.get("scheme")):  # stores before #22 record no scheme
+                cal = a.spec.get("calibration")
+                out.append(Pair(PairKind.scheme, a.name, b.name,
+                                f"{b.spec['scheme']} vs {a.spec['scheme']} at the same method ({a.spec['method'].upper()}"
+                                + (f", {cal.get('samples')} {cal.get('source')} calibration samples)" if cal else ")")))
             elif a.spec.get("calibration") and _quant_key(a, "samples") == _quant_key(b, "samples"):
                 lo, hi = sorted((a, b), key=lambda m: m.spec["calibration"].get("samples") or 0)
                 out.append(Pair(PairKind.calibration, lo.name, hi.name,
@@ -281,6 +295,8 @@ def _deployment(a: Analysis, store: Store, by_model: dict) -> None:
         for task in a.tasks:  # how each task was run, from the first model that records it (the baseline)
             if task not in a.evaluation and f"eval.{task}.n" in metrics[m.name]:
                 a.evaluation[task] = metrics[m.name][f"eval.{task}.n"][1]
+        if "activations.evaluate" in metrics[m.name]:
+            m.eval_activations = metrics[m.name]["activations.evaluate"][1]
         fid = {n.removeprefix("fidelity."): v for n, (v, _) in metrics[m.name].items() if n.startswith("fidelity.")}
         if fid:
             a.fidelity[m.name] = fid

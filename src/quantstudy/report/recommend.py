@@ -152,7 +152,7 @@ def recommendations(a: Analysis) -> list[Recommendation]:
             text += (f", the highest point estimate; vs its parent {best.parent}: "
                      f"{_pair_text(comps, best.parent, best.name, margin)}")
         out.append(Recommendation("most accurate", RULE_BEST, text, best.name))
-    for kind in (PairKind.training, PairKind.method, PairKind.calibration):
+    for kind in (PairKind.training, PairKind.method, PairKind.scheme, PairKind.calibration):
         for p in a.pairs_of(kind):
             comps = a.of_pair(p)
             win = pair_verdict(comps)

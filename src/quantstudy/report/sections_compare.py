@@ -13,6 +13,7 @@ from quantstudy.report.document import Code, Document, Heading, Image, Para, Tab
 from quantstudy.report.recommend import RULE_PAIR, pair_verdict
 
 _TITLES = {PairKind.method: "Method comparison at equal calibration",
+           PairKind.scheme: "Scheme comparison at equal method",
            PairKind.calibration: "Calibration size at equal method"}
 
 

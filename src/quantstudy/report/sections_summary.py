@@ -5,7 +5,7 @@ from __future__ import annotations
 from quantstudy import stats
 from quantstudy.report import decide
 from quantstudy.report import document as d
-from quantstudy.report.analysis import Analysis, PairKind
+from quantstudy.report.analysis import Analysis, ModelInfo, PairKind
 from quantstudy.report.deploy import Deploy
 from quantstudy.report.document import Bullets, Document, Heading, Image, Para, Table
 from quantstudy.report.items import Kind
@@ -151,13 +151,34 @@ def models_table(doc: Document, a: Analysis) -> None:
     rows = []
     for m in a.models:
         dep = a.deploy_of(m.name)
-        rows.append([m.name, m.role, m.describe, f"{d.pct(m.mean_acc)} ({len(m.acc_tasks)} task{'s' * (len(m.acc_tasks) != 1)})",
-                     d.pct(_mean_retention(a, m.name)), d.size(m.size_bytes),
+        bpw = m.spec.get("bits_per_weight")  # quantized layers: payload + scales + zero points (#22)
+        rows.append([m.name, m.role, m.describe + _activations_note(m),
+                     f"{d.pct(m.mean_acc)} ({len(m.acc_tasks)} task{'s' * (len(m.acc_tasks) != 1)})",
+                     d.pct(_mean_retention(a, m.name)), d.size(m.size_bytes) + (f" ({bpw:.2f} bits/weight)" if bpw else ""),
                      d.DASH if dep.size_reduction_pct is None else d.pct(dep.size_reduction_pct / 100)])
     doc.add(Table(["model", "role", "method", "mean accuracy", "mean retention vs parent", "size on disk",
                    "size reduction"], rows,
                   "Mean accuracy: unweighted mean of each task's right/wrong metric (acc, or exact match). Retention "
-                  "= model / parent per task, averaged; intervals per task are in the task details."))
+                  "= model / parent per task, averaged; intervals per task are in the task details."
+                  + (_SCHEMES_NOTE if any(m.spec.get("bits_per_weight") or m.eval_activations for m in a.models)
+                     else "")))
+
+
+_SCHEMES_NOTE = (" Bits/weight: the saved quantized layers' bytes (packed weights, scales, zero points, global scales) "
+                 "x 8 / their weights; the file size also holds the unquantized embeddings, norms and lm_head. "
+                 "'evaluated with': what the loaded model did to its Linear inputs while scored, read off its modules; "
+                 "activation-quantized and FP4 schemes run emulated in float32 on a CPU (quantstudy.schemes).")
+
+
+def _activations_note(m: ModelInfo) -> str:
+    """'; evaluated with activations ...' from what the evaluate stage recorded (nothing for stores before #22)."""
+    ev = m.eval_activations
+    if not ev or m.role != "quantized":
+        return ""
+    if not ev.get("activations_quantized"):
+        return f"; evaluated with {ev.get('dtype', 'unquantized')} activations (not quantized)"
+    kinds = ", ".join(f"{k} on {n} layers" for k, n in (ev.get("kinds") or {}).items())
+    return f"; evaluated with activations quantized ({kinds}, emulated in {ev.get('dtype', 'float')})"
     if any(dep.latency_s or dep.peak_bytes for dep in a.deploy):
         rows = [[dep.model, d.secs(dep.latency_s), d.secs(dep.latency_p95_s), d.secs(dep.ttft_s),
                  d.num(dep.tokens_per_response, 1), d.num(dep.tokens_per_s, 1), speed_text(dep),
@@ -187,6 +208,6 @@ def recommendations(doc: Document, a: Analysis, recs: list[Recommendation]) -> N
     if not recs:
         doc.add(Para("No recommendation: the study has a single model."))
     doc.add(Table(["topic", "recommendation", "rule"], [[r.topic, r.verdict, r.rule] for r in recs]))
-    if a.pairs_of(PairKind.method) or a.pairs_of(PairKind.calibration):
+    if a.pairs_of(PairKind.method) or a.pairs_of(PairKind.scheme) or a.pairs_of(PairKind.calibration):
         doc.add(Para("Pairs without a preference are not evidence that the settings are equivalent: see n and MDE "
                      "in the comparison tables."))
