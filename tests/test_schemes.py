@@ -246,3 +246,14 @@ def test_report_pairs_schemes_at_equal_method():
     for m in models[1:]:
         del m.spec["scheme"]
     assert not [p for p in plan_pairs(models) if p.kind == PairKind.scheme]
+
+
+def test_autoround_options_key_only_autoround_variants():
+    """Changing AutoRound's iterations must not re-run the GPTQ variant of the same entry."""
+    def keys(iters):
+        c = cfg({"method": ["gptq", "autoround"], "scheme": "W4A16", "group_size": 64, "autoround": {"iters": iters}})
+        return {v.name: key_of("quantize", v) for v in expand_variants(c)}
+
+    a, b = keys(20), keys(50)
+    assert a["gptq-w4a16g64-c8"] == b["gptq-w4a16g64-c8"]
+    assert a["autoround-w4a16g64-c8"] != b["autoround-w4a16g64-c8"]

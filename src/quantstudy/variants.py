@@ -104,7 +104,8 @@ def expand_variants(cfg: StudyConfig) -> list[Variant]:
                 name += f"-{vcal.source.value}"
             out.append(Variant(name=name, method=method, bits=bits, group_size=group, symmetric=sym,
                                ignore=tuple(e.ignore), gptq=e.gptq, awq=e.awq, calibration=vcal, scheme=scheme,
-                               smoothquant=sq, autoround=e.autoround))
+                               smoothquant=sq,  # AutoRound's options only key AutoRound variants
+                               autoround=e.autoround if method == Method.autoround else AutoRoundOptions()))
     names = [v.name for v in out]
     dups = sorted({n for n in names if names.count(n) > 1})
     if dups:
