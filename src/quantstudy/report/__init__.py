@@ -33,6 +33,7 @@ def build(a: Analysis, title: str, recs: list[Recommendation], rank: list[RankRo
     summary.models_table(doc, a)
     tasks.per_task(doc, a)
     tasks.flips(doc, a)
+    tasks.subsets(doc, a)
     tasks.health(doc, a)
     tasks.mmlu(doc, a)
     compare.pairs(doc, a)

@@ -55,6 +55,28 @@ class ModelInfo:
 
 
 @dataclass
+class Subset:
+    """One model on one subset of a task's items (SQuAD v2 HasAns / NoAns), vs its parent on the same items."""
+
+    task: str
+    subset: str
+    score: Score
+    vs_parent: Comparison | None
+
+
+@dataclass
+class GroupScore:
+    """lm-eval's aggregate of a group's subtasks (its aggregate_metric_list), as lm-eval computes it."""
+
+    group: str
+    metric: str
+    model: str
+    value: float
+    n: int | None
+    subtasks: list[str]
+
+
+@dataclass
 class Analysis:
     models: list[ModelInfo]
     tasks: list[str]
@@ -76,6 +98,8 @@ class Analysis:
     warnings: list[str] = field(default_factory=list)
     decision: DecisionConfig = field(default_factory=DecisionConfig)  # the study's `decision:` section
     noninferiority: list[decide.NonInferiority] = field(default_factory=list)  # quantized vs parent, every metric
+    subsets: list[Subset] = field(default_factory=list)  # per-subset scores (SQuAD v2 HasAns / NoAns)
+    groups: list[GroupScore] = field(default_factory=list)  # lm-eval group aggregates
 
     def model(self, name: str) -> ModelInfo:
         return next(m for m in self.models if m.name == name)
@@ -179,6 +203,7 @@ def analyze(store: Store) -> Analysis:
     a.warnings += [bad] if bad else []
     a.noninferiority = decide.noninferiority(a, cols)
     _mmlu(a, by_model)
+    _subsets(a, by_model)
     _summaries(a)
     _deployment(a, store, by_model)
     a.warnings += version_warnings(records, a.pairs)
@@ -251,6 +276,39 @@ def _mmlu(a: Analysis, by_model: dict) -> None:
                 out.append(s)
 
 
+# item subsets a task reports beside its overall score: name -> which items belong (SQuAD v2's official
+# HasAns / NoAns split; the built-in task stores has_answer per item)
+SUBSETS = {"has_answer": (("HasAns", True), ("NoAns", False))}
+
+
+def _subsets(a: Analysis, by_model: dict) -> None:
+    """Scores on each subset, and each model vs its parent on it (paired, descriptive: outside the Holm family),
+    so a gain that is only more abstention (NoAns up, HasAns down) shows."""
+    for mt in a.metrics:
+        recs = [r for per in by_model.values() for r in per.get(mt.task, [])]
+        for key, parts in SUBSETS.items():
+            if not recs or not all(key in r.details for r in recs):
+                continue
+            for name, want in parts:
+                cols = {m.name: items.column([r for r in by_model.get(m.name, {}).get(mt.task, [])
+                                              if bool(r.details[key]) == want], mt) for m in a.models}
+                for m in a.models:
+                    if not cols[m.name]:
+                        continue
+                    c = (items.compare(m.parent, m.name, mt, cols[m.parent], cols[m.name])
+                         if m.parent in cols and cols[m.parent] else None)
+                    a.subsets.append(Subset(mt.task, name, items.score(m.name, mt, cols[m.name]), c))
+
+
+def _groups(a: Analysis, metrics: dict[str, dict[str, tuple[Any, dict]]]) -> None:
+    for m in a.models:
+        for n, (v, info) in sorted(metrics[m.name].items()):
+            if n.startswith("eval.") and isinstance(info, dict) and info.get("group") and v is not None:
+                g = str(info["group"])
+                a.groups.append(GroupScore(g, n.removeprefix(f"eval.{g}."), m.name, float(v), info.get("n"),
+                                           list(info.get("subtasks") or [])))
+
+
 def _summaries(a: Analysis) -> None:
     binary = [mt for mt in a.metrics if mt.kind == Kind.binary]
     for m in a.models:
@@ -283,6 +341,7 @@ def _summaries(a: Analysis) -> None:
 
 def _deployment(a: Analysis, store: Store, by_model: dict) -> None:
     metrics = {m.name: {n: (v, i) for _, n, v, i in store.metrics(m.name)} for m in a.models}
+    _groups(a, metrics)
     done: dict[str, deploy.Deploy] = {}
     health: dict[str, list[deploy.Health]] = {}
     depth = {m.name: _depth(a, m) for m in a.models}

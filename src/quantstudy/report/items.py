@@ -77,13 +77,14 @@ def task_metrics(task: str, items: list[ItemRecord]) -> list[Metric]:
     """The metrics a task's items support, primary first."""
     out = []
     base = next((str(r.details["task_name"]) for r in items if "task_name" in r.details), task)  # an alias's task
+    lmeval = next((str(r.details["metric"]) for r in items if r.details.get("metric")), None)  # lm-eval's name
     if any(r.correct is not None for r in items):
-        out.append(Metric(task, _BINARY_NAME.get(base, "acc"), Kind.binary))
+        out.append(Metric(task, lmeval or _BINARY_NAME.get(base, "acc"), Kind.binary))
     if any(r.score is not None for r in items):
         if any("n_words" in r.details for r in items):
             out.append(Metric(task, "word_perplexity", Kind.perplexity))
         else:
-            out.append(Metric(task, "f1" if base == "squad_v2" else "score", Kind.mean))
+            out.append(Metric(task, lmeval or ("f1" if base == "squad_v2" else "score"), Kind.mean))
     return out
 
 

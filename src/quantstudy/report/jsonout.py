@@ -53,6 +53,8 @@ def results(a: Analysis, recs: list[Recommendation], rank: list[RankRow]) -> dic
         "pairs": _clean(a.pairs),
         "mmlu_category": _clean(a.mmlu_category),
         "mmlu_subject": _clean(a.mmlu_subject),
+        "subsets": _clean(a.subsets),
+        "lmeval_groups": _clean(a.groups),
         "deploy": _clean(a.deploy),
         "generation_health": _clean(a.health),
         "fidelity": _clean(a.fidelity),

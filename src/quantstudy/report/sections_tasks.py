@@ -88,6 +88,36 @@ def mmlu(doc: Document, a: Analysis) -> None:
         _breakdown(doc, a, a.mmlu_subject, "subject")
 
 
+def subsets(doc: Document, a: Analysis) -> None:
+    """Per-subset scores (SQuAD v2 HasAns / NoAns) and lm-eval group aggregates."""
+    if a.subsets:
+        doc.add(Heading(2, "Scores by subset"))
+        rows = [[s.task, s.subset, s.score.metric, s.score.model, str(s.score.n), cells.score(s.score),
+                 s.vs_parent.ref if s.vs_parent else d.DASH, cells.diff(s.vs_parent) if s.vs_parent else d.DASH,
+                 cells.flips(s.vs_parent) if s.vs_parent else d.DASH,
+                 d.num(s.vs_parent.p, 3) if s.vs_parent else d.DASH] for s in a.subsets]
+        doc.add(Table(["task", "subset", "metric", "model", "n", "score [95%]", "vs", "Δ vs parent [95%]",
+                       "flips (R→W / W→R)", "p (raw)"], rows,
+                      "SQuAD v2's official split: HasAns = questions with an answer in the passage, NoAns = "
+                      "unanswerable ones (right = the model abstains). A gain overall that is only more abstention "
+                      "shows as NoAns up and HasAns down. Paired tests here are descriptive (raw p, outside the "
+                      "Holm family of the per-task table)."))
+    if a.groups:
+        doc.add(Heading(2, "lm-eval groups"))
+        names = [m.name for m in a.models]
+        keys = sorted({(g.group, g.metric) for g in a.groups})
+        by = {(g.group, g.metric, g.model): g for g in a.groups}
+        rows = []
+        for grp, metric in keys:
+            first = next(g for g in a.groups if (g.group, g.metric) == (grp, metric))
+            rows.append([grp, metric, d.DASH if first.n is None else str(first.n), ", ".join(first.subtasks)]
+                        + [d.num(by[grp, metric, n].value, 4) if (grp, metric, n) in by else d.DASH for n in names])
+        doc.add(Table(["group", "metric", "n", "subtasks"] + names, rows,
+                      "lm-eval's own group aggregate (its aggregate_metric_list: mean over subtasks, weighted by "
+                      "size when the group says so), computed from the same per-item values. Each subtask has its "
+                      "own row, interval and paired tests in the per-task table."))
+
+
 def health(doc: Document, a: Analysis) -> None:
     if not a.health:
         return

@@ -38,7 +38,7 @@ from quantstudy.scoring import GenRequest, LLRequest, Scorer
 from quantstudy.tasks.base import sha
 from quantstudy.tasks.lmeval_load import hub_reachable, offline_fix, resolve, task_manager
 
-CHUNK_DOCS = {"loglikelihood": 128, "generate_until": 16, "loglikelihood_rolling": 1}  # docs per scorer call
+CHUNK_DOCS = {"loglikelihood": 128, "generate_until": 16, "loglikelihood_rolling": 16}  # docs per scorer call
 
 
 def load_tasks(spec: LMEvalTaskSpec, config_dir: Path, trust: bool, seed: int) -> dict[str, Any]:
