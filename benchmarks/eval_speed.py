@@ -11,6 +11,19 @@ peak RSS per run from the kernel's VmHWM); the two sides alternate, which side g
 alternates too. Items: ARC-Easy **dev** (570, the issue's reference set) or the first N of
 HellaSwag validation. The llama.cpp HellaSwag file has no ctx_a/ctx_b columns, so both sides
 get the documents as quantstudy's reader restores them; lm-eval still runs its own process_docs.
+
+Generative tasks (#21): `--task gsm8k` (first 100 test items, lm-eval's gsm8k.yaml: 5-shot drawn
+by its seeded sampler from train, stop strings, 256 new tokens, both filters) and `--task squad_v2`
+(first 200 dev questions, 0-shot, until "\n", 256 new tokens). lm-eval's squadv2 is a Python class
+that loads the hub dataset and the `evaluate` hub metric, neither reachable offline, so its side runs
+a YAML task with the class's exact prompt and stop string through the same simple_evaluate/HFLM
+generate_until path; the class's second request per item (log p(" unanswerable"), only used for
+best_exact/best_f1) is not run, which leaves lm-eval's side faster than the real task. EM/F1 are
+computed from each side's texts with quantstudy's port of the official script. Both sides report
+the positions each ran through the model: lm-eval's from its `_model_generate` batches (rows x
+padded width prefill, rows x steps decode: finished rows keep computing until the batch ends),
+quantstudy's from generation.STATS. `--save FILE` appends each run to FILE and reports all runs in
+it, so three alternating runs can be made in separate invocations (each a ~10-minute slot).
 """
 
 from __future__ import annotations
@@ -28,7 +41,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 LM_TASKS = Path(__import__("lm_eval").__file__).parent / "tasks"
-DEFAULT_LIMIT = {"arc_easy": None, "hellaswag": 500}
+DEFAULT_LIMIT = {"arc_easy": None, "hellaswag": 500, "gsm8k": 100, "squad_v2": 200}
+GENERATIVE = ("gsm8k", "squad_v2")
+MAX_NEW = 256  # lm-eval's max_gen_toks default, the evaluate stage's max_new_tokens default
 
 
 def peak_rss() -> int:
@@ -55,6 +70,22 @@ def lm_eval_files(task: str, data: Path, tmp: Path) -> str:
                  "choices": {"text": [c["text"] for c in r["question"]["choices"]],
                              "label": [c["label"] for c in r["question"]["choices"]]}} for r in rows]
         base, split = "arc/arc_easy.yaml", "validation"
+    elif task == "gsm8k":  # lm-eval's own gsm8k.yaml on the offline train/test files
+        (tmp / "task.yaml").write_text(
+            f"include: {LM_TASKS / 'gsm8k/gsm8k.yaml'}\ntask: qs_bench_gsm8k\ndataset_path: json\ndataset_name: null\n"
+            f"dataset_kwargs:\n  data_files:\n    train: {data / 'gsm8k/train.jsonl'}\n    test: {data / 'gsm8k/test.jsonl'}\n")
+        return "qs_bench_gsm8k"
+    elif task == "squad_v2":  # lm-eval's squadv2 class prompt and stop, as YAML (see the module docstring)
+        docs = [{**it.doc, "answers": it.doc["answers"]} for it in quantstudy_task(task).eval_items(data)]
+        (tmp / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+        (tmp / "task.yaml").write_text(json.dumps({
+            "task": "qs_bench_squad_v2", "dataset_path": "json", "dataset_name": None,
+            "dataset_kwargs": {"data_files": {"validation": str(tmp / "docs.jsonl")}},
+            "validation_split": "validation", "output_type": "generate_until", "num_fewshot": 0,
+            "doc_to_text": "Title: {{title}}\n\nBackground: {{context}}\n\nQuestion: {{question}}\n\nAnswer:",
+            "doc_to_target": "{{answers[0] if answers else 'unanswerable'}}",
+            "generation_kwargs": {"until": ["\n"]}, "metric_list": [{"metric": "exact_match"}]}))
+        return "qs_bench_squad_v2"
     else:  # activity_label + ": " + ctx_a + " " + ctx_b.capitalize() rebuilds the query exactly
         docs = []
         for it in quantstudy_task(task).eval_items(data):
@@ -72,8 +103,38 @@ def lm_eval_files(task: str, data: Path, tmp: Path) -> str:
 
 def run_lmeval(a: argparse.Namespace) -> dict:
     import lm_eval
+    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
+    counts = {"prompt_tokens": 0, "prefill_positions": 0, "decode_positions": 0, "prefill_s": 0.0, "decode_s": 0.0,
+              "batches": 0, "steps": 0}
+    generate = HFLM._model_generate
+
+    def counted(self, context, max_length, stop, **kw):  # the positions HF generate computes per batch
+        out = generate(self, context, max_length, stop, **kw)
+        rows, width = context.shape
+        steps = out.shape[1] - width  # every row runs until the whole batch stops
+        counts["prompt_tokens"] += int(kw["attention_mask"].sum()) if "attention_mask" in kw else rows * width
+        counts["prefill_positions"] += rows * width
+        counts["decode_positions"] += rows * max(0, steps - 1)
+        counts["batches"], counts["steps"] = counts["batches"] + 1, counts["steps"] + steps
+        return out
+
+    def timed(model):  # forward time split by kind: prompt (several positions) vs one-token steps
+        t = {}
+        model.register_forward_pre_hook(lambda m, args, kw: t.update(t0=time.perf_counter()), with_kwargs=True)
+        model.register_forward_hook(lambda m, args, kw, out: counts.update({
+            k: counts[k] + time.perf_counter() - t["t0"]
+            for k in ["prefill_s" if (kw.get("input_ids", args[0] if args else None)).shape[1] > 1 else "decode_s"]}),
+            with_kwargs=True)
+
+    init = HFLM.__init__
+
+    def hooked_init(self, *args, **kw):
+        init(self, *args, **kw)
+        timed(self.model)
+
+    HFLM._model_generate, HFLM.__init__ = counted, hooked_init
     with tempfile.TemporaryDirectory() as d:
         name = lm_eval_files(a.task, Path(a.data_dir), Path(d))
         t0 = time.perf_counter()
@@ -81,6 +142,13 @@ def run_lmeval(a: argparse.Namespace) -> dict:
                                       batch_size=16, device="cpu", limit=a.limit, log_samples=True,
                                       task_manager=TaskManager(include_path=d, include_defaults=False))
         wall = time.perf_counter() - t0
+    if a.task in GENERATIVE:
+        texts, contexts = {}, {}
+        for smp in out["samples"][name]:
+            key = f"test/{smp['doc_id']}" if a.task == "gsm8k" else smp["doc"]["id"]
+            texts[key], contexts[key] = smp["resps"][0][0], smp["arguments"][0][0]
+        return {"wall": wall, "texts": texts, "contexts": contexts, "counts": counts,
+                "results": {k: v for k, v in out["results"][name].items() if isinstance(v, (int, float))}}
     preds = {}
     for s in out["samples"][name]:
         lls = [float(r[0]) for r in s["filtered_resps"]]
@@ -97,18 +165,29 @@ def run_quantstudy(a: argparse.Namespace) -> dict:
     from quantstudy.context import RunContext
     from quantstudy.store import ModelRecord, Store
 
+    from quantstudy import generation
+
     task = quantstudy_task(a.task)
     ev.get_task = lambda name: task  # the stage's arc_easy is the test split; the reference set is dev
     cfg = parse_config({"name": "bench", "model": {"source": a.model},
                         "evaluate": {"tasks": [{"name": a.task, "limit": a.limit}], "batch_size": 16,
-                                     "backend": "fast", "speed": None}})
+                                     "backend": "fast", "speed": None, "max_new_tokens": MAX_NEW}})
     with tempfile.TemporaryDirectory() as d, Store(Path(d) / "store.sqlite") as store:
         ctx = RunContext(cfg=cfg, study_dir=Path(d), config_dir=Path(d), store=store, data_dir=Path(a.data_dir),
                          device="cpu", console=Console(stderr=True, quiet=True))
         t0 = time.perf_counter()
         ev.evaluate_model(ctx, ModelRecord("baseline", "baseline", a.model))
         wall = time.perf_counter() - t0
-        preds = {r.item_id: [int(r.prediction), int(r.details["pred_norm"])] for _, r in store.items("baseline")}
+        recs = [r for _, r in store.items("baseline")]
+        if a.task in GENERATIVE:
+            items = task.eval_items(Path(a.data_dir))[:a.limit]
+            contexts = {p.item.id: p.context for p in ev.build_prompts(task, items, Path(a.data_dir), None, 1234, None)}
+            lat = [r.latency_s for r in recs]
+            return {"wall": wall, "texts": {r.item_id: r.details["text"] for r in recs}, "contexts": contexts,
+                    "counts": vars(generation.STATS), "tokens": [r.n_tokens for r in recs],
+                    "hit_max": sum(bool(r.hit_max) for r in recs), "latency_sum": sum(lat),
+                    "results": {m: v for _, m, v, _ in store.metrics("baseline") if m.startswith(f"eval.{a.task}.")}}
+        preds = {r.item_id: [int(r.prediction), int(r.details["pred_norm"])] for r in recs}
     return {"wall": wall, "preds": preds}
 
 
@@ -137,11 +216,12 @@ def task_tokens(a: argparse.Namespace) -> tuple[int, int]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--task", choices=["arc_easy", "hellaswag"], required=True)
+    p.add_argument("--task", choices=["arc_easy", "hellaswag", *GENERATIVE], required=True)
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--model", default=None, help="HF model dir (default: the built-in SmolLM2-135M-Instruct)")
     p.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
+    p.add_argument("--save", default=None, help="JSON file: append this invocation's runs, report all runs in it")
     p.add_argument("--worker", choices=["lmeval", "quantstudy"], help=argparse.SUPPRESS)
     a = p.parse_args()
     a.limit = a.limit if a.limit is not None else DEFAULT_LIMIT[a.task]
@@ -156,10 +236,14 @@ def main() -> None:
         from quantstudy.models import materialize_builtin
 
         a.model = str(materialize_builtin("smollm2-135m-instruct", Path("/tmp/qs-model-cache")))
-    full, shared = task_tokens(a)
+    gen = a.task in GENERATIVE
+    full, shared = (0, 0) if gen else task_tokens(a)
     runs: dict[str, list[dict]] = {"lmeval": [], "quantstudy": []}
+    if a.save and Path(a.save).is_file():  # earlier invocations' runs of the same benchmark
+        runs = json.loads(Path(a.save).read_text())["runs"]
     for r in range(a.runs):
-        for side in (("lmeval", "quantstudy") if r % 2 == 0 else ("quantstudy", "lmeval")):
+        k = len(runs["lmeval"]) + len(runs["quantstudy"])  # which side goes first alternates across invocations too
+        for side in (("lmeval", "quantstudy") if (k // 2) % 2 == 0 else ("quantstudy", "lmeval")):
             cmd = [sys.executable, __file__, "--worker", side, "--task", a.task, "--model", a.model,
                    "--data-dir", a.data_dir] + (["--limit", str(a.limit)] if a.limit else [])
             out = subprocess.run(cmd, capture_output=True, text=True)
@@ -170,7 +254,12 @@ def main() -> None:
             res = runs[side][-1]
             print(f"run {r + 1} {side:<10} {res['wall']:7.1f} s wall, {res['cpu_s']:7.1f} s CPU (process), "
                   f"load avg {res['load'][0]:.1f} -> {res['load'][1]:.1f}", flush=True)
-    report(a, runs, full, shared)
+            if a.save:
+                Path(a.save).write_text(json.dumps({"task": a.task, "limit": a.limit, "model": a.model, "runs": runs}))
+    if gen:
+        report_generative(a, runs)
+    else:
+        report(a, runs, full, shared)
 
 
 def report(a: argparse.Namespace, runs: dict[str, list[dict]], full: int, shared: int) -> None:
@@ -197,6 +286,67 @@ def report(a: argparse.Namespace, runs: dict[str, list[dict]], full: int, shared
           f"{'' if stable else ' (quantstudy predictions varied between runs!)'}")
     for k, v in (("lm-eval", ref), ("quantstudy", ours)):
         print(f"  {k:<11} acc {sum(x[0] == g for x, g in zip([v[i] for i in ids], gold(a, ids))) / len(ids):.4f}")
+
+
+def report_generative(a: argparse.Namespace, runs: dict[str, list[dict]]) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(a.model)
+    med = {k: statistics.median(r["wall"] for r in v) for k, v in runs.items()}
+    ref, ours = runs["lmeval"][0], runs["quantstudy"][0]
+    ids = sorted(ref["texts"])
+    assert set(ids) == set(ours["texts"]), "the two sides answered different items"
+    n = len(ids)
+    print(f"\n{a.task}: {n} items, {a.model}, float32, CPU, batch 16, {MAX_NEW} new tokens max, "
+          f"{len(runs['lmeval'])}/{len(runs['quantstudy'])} runs (lm-eval/quantstudy; median)")
+    print(f"{'':<12}{'wall s (median)':>16}{'all runs':>28}{'best':>8}{'CPU s':>8}{'peak RSS GiB':>14}")
+    for k, v in runs.items():
+        walls = ", ".join(f"{r['wall']:.1f}" for r in v)
+        print(f"{k:<12}{med[k]:>16.1f}{walls:>28}{min(r['wall'] for r in v):>8.1f}"
+              f"{statistics.median(r['cpu_s'] for r in v):>8.1f}{max(r['peak_rss'] for r in v) / 2**30:>14.2f}")
+    best = min(r["wall"] for r in runs["lmeval"]) / min(r["wall"] for r in runs["quantstudy"])
+    print(f"speed-up (lm-eval / quantstudy): {med['lmeval'] / med['quantstudy']:.2f}x median, {best:.2f}x best-of")
+    loads = [x for v in runs.values() for r in v for x in r["load"]]
+    print(f"1-min load average during runs: {min(loads):.1f} to {max(loads):.1f} on {os.cpu_count()} CPUs "
+          f"(above ~{os.cpu_count()}: other processes competed, timings inflated)")
+    print("model positions computed (first run of each side; prompt tokens = without padding or sharing):")
+    print(f"{'':<12}{'prompt tok':>11}{'prefill pos':>12}{'decode pos':>11}{'prefill s':>10}{'decode s':>9}")
+    for k, r in (("lm-eval", ref), ("quantstudy", ours)):
+        c = r["counts"]
+        print(f"{k:<12}{c['prompt_tokens']:>11,}{c['prefill_positions']:>12,}{c['decode_positions']:>11,}"
+              f"{c['prefill_s']:>10.1f}{c['decode_s']:>9.1f}")
+    print(f"quantstudy: {sum(ours['tokens']):,} tokens generated, {ours['hit_max']} of {n} hit {MAX_NEW}; per-item "
+          f"latencies sum to {ours['latency_sum']:.1f} s (each request's share of the forward passes it was in)")
+    same_prompt = sum(ref["contexts"][i] == ours["contexts"][i] for i in ids)
+    print(f"identical prompts: {same_prompt}/{n}")
+    same = [i for i in ids if ref["texts"][i] == ours["texts"][i]]
+    stable = {k: all(r["texts"] == v[0]["texts"] for r in v) for k, v in runs.items()}
+    print(f"identical generated text: {len(same)}/{n} = {len(same) / n:.1%}"
+          + "".join(f" ({k} varied between runs!)" for k, ok in stable.items() if not ok))
+    for i in ids:
+        x, y = ref["texts"][i], ours["texts"][i]
+        if x != y:
+            tx, ty = tok.encode(x, add_special_tokens=False), tok.encode(y, add_special_tokens=False)
+            t = next((j for j, (u, w) in enumerate(zip(tx, ty)) if u != w), min(len(tx), len(ty)))
+            c = next((j for j, (u, w) in enumerate(zip(x, y)) if u != w), min(len(x), len(y)))
+            print(f"  {i}: first difference at generated token {t} (char {c}): lm-eval {x[c:c + 30]!r} "
+                  f"vs quantstudy {y[c:c + 30]!r}")
+    for k, r in (("lm-eval", ref), ("quantstudy", ours)):
+        print(f"  {k:<11} " + ", ".join(f"{m} {v:.4f}" for m, v in gen_scores(a, r["texts"]).items()))
+
+
+def gen_scores(a: argparse.Namespace, texts: dict[str, str]) -> dict[str, float]:
+    """The task's metrics from generated texts, quantstudy's scoring (lm-eval's filters / the official SQuAD rules)."""
+    docs = {it.id: it.doc for it in quantstudy_task(a.task).eval_items(Path(a.data_dir))}
+    if a.task == "gsm8k":
+        from quantstudy.tasks.gsm8k import extract, matches
+
+        ok = [[matches(e, docs[i]["answer"]) for e in extract(t)] for i, t in texts.items()]
+        return {"exact_match strict": sum(o[0] for o in ok) / len(ok), "flexible": sum(o[1] for o in ok) / len(ok)}
+    from quantstudy.tasks.squad import squad_scores
+
+    sc = [squad_scores(docs[i]["answers"], t) for i, t in texts.items()]
+    return {"EM": sum(e for e, _ in sc) / len(sc), "F1": sum(f for _, f in sc) / len(sc)}
 
 
 def gold(a: argparse.Namespace, ids: list[str]) -> list[int]:

@@ -17,7 +17,6 @@ left truncation to max_length + 1); rolling windows come from lm_eval.utils itse
 
 from __future__ import annotations
 
-import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +28,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from quantstudy import kernels, prefixtree
 from quantstudy.chat import cut_at_stops, reasoning_token_count, split_reasoning
-from quantstudy.generation import generate_tokens
+from quantstudy.generation import generate_continuous
 from quantstudy.scoring import GenRequest, GenResult, LLRequest, LLResult, RollingResult
 
 PACK_WIDTH = 512  # widest row for short pieces; a longer sequence whose context nothing shares runs alone
@@ -125,27 +124,25 @@ class FastScorer(LMEvalTokens):
             groups[(r.until, r.max_new_tokens)].append(i)
         for (until, max_new), idx in groups.items():
             stops = list(until) + ([eos] if eos and eos not in until else [])
-            # lm-eval: sort by length (longest first: similar lengths share a batch), then each batch's
-            # first string decides whether special tokens are added; contexts are left-truncated
-            idx.sort(key=lambda i: -len(self.tok_encode(requests[i].context)))
-            for b in range(0, len(idx), self.batch_size):
-                chunk = idx[b:b + self.batch_size]
-                bos = self.tok.bos_token
-                kw = {"add_special_tokens": False} if bos and requests[chunk[0]].context.startswith(bos) else {}
-                enc = [self.tok.encode(requests[i].context, **kw)[-(self.max_length - max_new):] for i in chunk]
-                t0 = time.perf_counter()
-                gens = generate_tokens(self.model, self.tok, enc, max_new, stops, self.device,
-                                       [requests[i].think for i in chunk])
-                per_req = (time.perf_counter() - t0) / len(chunk)
-                for i, g in zip(chunk, gens):
-                    text = self.tok.decode(g.tokens, skip_special_tokens=True)
-                    think = requests[i].think
-                    sp = split_reasoning(text, think)  # lm-eval: reasoning is stripped before stop strings
-                    n_think = 0 if sp.reasoning is None else len(g.tokens) if not sp.closed else \
-                        reasoning_token_count(g.tokens, lambda t: self.tok.decode(t, skip_special_tokens=True),
-                                              think.end)  # type: ignore[union-attr]
-                    out[i] = GenResult(cut_at_stops(sp.answer, stops), len(g.tokens), g.hit_max, per_req,
-                                       sp.reasoning, n_think, sp.closed)
+            # lm-eval: a context starting with BOS gets no second one; contexts are left-truncated.
+            # All requests of a call go to one continuous batch (generation.py: shared prompt
+            # prefixes computed once, finished rows refilled), not lm-eval's length-sorted batches.
+            bos = self.tok.bos_token
+            enc = [self.tok.encode(requests[i].context, **({"add_special_tokens": False} if bos and
+                                   requests[i].context.startswith(bos) else {}))[-(self.max_length - max_new):]
+                   for i in idx]
+            with kernels.onednn_linear(self.model):
+                gens = generate_continuous(self.model, self.tok, enc, max_new, stops, self.device,
+                                           [requests[i].think for i in idx], self.batch_size)
+            for i, g in zip(idx, gens):
+                text = self.tok.decode(g.tokens, skip_special_tokens=True)
+                think = requests[i].think
+                sp = split_reasoning(text, think)  # lm-eval: reasoning is stripped before stop strings
+                n_think = 0 if sp.reasoning is None else len(g.tokens) if not sp.closed else \
+                    reasoning_token_count(g.tokens, lambda t: self.tok.decode(t, skip_special_tokens=True),
+                                          think.end)  # type: ignore[union-attr]
+                out[i] = GenResult(cut_at_stops(sp.answer, stops), len(g.tokens), g.hit_max, g.cost_s,
+                                   sp.reasoning, n_think, sp.closed)
         return out  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ core
