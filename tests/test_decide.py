@@ -167,6 +167,10 @@ def test_plan_from_a_stated_discordance_and_from_a_pilot(tmp_path: Path, store: 
     arc = next(r for r in rows if r[0] == "arc_easy")
     assert arc[2] == f"{8 / 60:.3f}" and arc[4] == str(stats.n_noninferiority_binary(8 / 60, 0.01, alpha))
     assert next(r for r in rows if r[0] == "hellaswag")[3] == "not in the pilot"
+    # a study that trains: every variant also has a trained copy, and the report splits alpha over both
+    trained = cfg.model_copy(update={"train": object()})
+    rows, note = plan_rows(trained, None, 0.1)
+    assert "/ 6 candidate variants" in note and rows[0][4] == str(stats.n_noninferiority_binary(0.1, 0.01, 0.05 / 6))
 
 
 def test_eval_split_sizes_match_the_offline_data(shared_data: Path) -> None:

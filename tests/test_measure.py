@@ -121,6 +121,10 @@ def test_measure_model_writes_labelled_metrics(tmp_path):
     # resident weights: bf16 parameters take half the float32 bytes
     assert m["memory.resident_weights_bytes"][0] < 0.6 * m["memory.float32.resident_weights_bytes"][0]
     assert m["memory.weights_bytes"][0] == weights_size(model_dir) > 0
+    ratio, rinfo = m["speed.bf16_vs_float32"]  # the root's bf16/float32 pairing
+    assert rinfo["lo"] <= ratio <= rinfo["hi"] and rinfo["rounds"] == 1
+    # decode rate = tokens after the first / time after the first token: the ratio is bf16's over float32's
+    assert ratio > 0 and "bf16 / dense in float32" in rinfo["measured"]
 
 
 def _side(rates: list[float], others: float, tokens: int = 20, rounds: int = 3) -> dict:
@@ -186,6 +190,19 @@ def test_paired_measure_of_a_packed_variant(tmp_path):
 
     row = deploy_row("rtn", "quantized", None, m, deploy_row("base", "baseline", None, {}, None))
     assert row.caveat == ""  # packed figures: no "not a 4-bit deployment figure"
+    # the parent's bf16/float32 ratio chains into a figure against float32 (a hand computation)
+    root = deploy_row("base", "baseline", None, {
+        "speed.tokens_per_s": (10.0, {}), "speed.float32.tokens_per_s": (12.0, {}),
+        "memory.peak_bytes": (1000.0, {}), "memory.float32.peak_bytes": (800.0, {}),
+        "speed.bf16_vs_float32": (0.8, {"comparable": True, "lo": 0.7, "hi": 0.9, "rounds": 3})}, None)
+    chained = deploy_row("rtn", "quantized", None, m, root)
+    assert root.bf16_vs_float32 == 0.8 and root.float32_peak_bytes == 800.0
+    if rinfo["comparable"]:
+        assert f"vs the parent dense in float32 ~{ratio * 0.8:.2f}x" in chained.speedup_note
+    peak = m["memory.peak_bytes"][0]
+    parent_peak = m["memory.parent.peak_bytes"][0]
+    assert chained.mem_reduction_pct == pytest.approx(100 * (parent_peak - peak) / parent_peak)
+    assert chained.mem_reduction_vs_float32_pct == pytest.approx(100 * (800.0 - peak) / 800.0)
     if rinfo["comparable"]:  # a quiet machine: the ratio with its interval
         assert row.speedup == ratio and f"{rinfo['lo']:.2f}-{rinfo['hi']:.2f}x" in row.speedup_note
     else:
@@ -214,3 +231,33 @@ def test_busy_machine_refuses_the_speedup(tmp_path):
     row = deploy_row("rtn", "quantized", None, {k: (v, i) for k, (v, i) in m.items()}, parent)
     assert row.speedup is None and row.speedup_note.startswith("not comparable: the machine was busy")
     assert row.caveat == ""  # packed figures: no "not a 4-bit deployment figure"
+
+
+def test_root_sides_that_do_not_fit_together_run_one_after_the_other(tmp_path, monkeypatch):
+    """bf16 + float32 of the root model loaded at once would not fit: float32 runs after bf16, labelled."""
+    from quantstudy import measure
+
+    model_dir = make_tiny_model(tmp_path / "tiny")
+    prompts = ["the cat sat on a mat", "how many dogs ran past"]
+    need_both = measure.side_bytes(ModelRecord("b", "baseline", str(model_dir)), 2) + \
+        measure.side_bytes(ModelRecord("b", "baseline", str(model_dir)), 4)
+    monkeypatch.setattr(measure, "memory_available", lambda: need_both - 1)
+    ctx = _ctx(tmp_path, _sharegpt(tmp_path, prompts), prompts=2, max_new=4)
+    measure_model(ctx, ModelRecord("base", "baseline", str(model_dir)))
+    m = {name: info for _, name, _, info in ctx.store.metrics("base")}
+    assert m["speed.float32.tokens_per_s"]["interleaved"].startswith("no: measured after the bf16 side")
+    assert m["speed.tokens_per_s"]["interleaved"].startswith("yes")
+
+
+def test_a_pairing_that_does_not_fit_is_one_clear_error(tmp_path, monkeypatch):
+    from quantstudy import measure
+    from quantstudy.errors import QuantStudyError
+
+    base, q = _rtn(tmp_path)
+    monkeypatch.setattr(measure, "memory_available", lambda: 2.0**30)  # 1 GiB: less than two interpreters
+    ctx = _ctx(tmp_path, _sharegpt(tmp_path, ["the cat sat"]), prompts=1, max_new=4)
+    with pytest.raises(QuantStudyError) as e:
+        measure_model(ctx, ModelRecord("rtn", "quantized", str(q), parent="base"),
+                      ModelRecord("base", "baseline", str(base)))
+    assert e.value.field == "evaluate.speed" and "evaluate.speed: null" in e.value.fix
+    assert not [n for _, n, _, _ in ctx.store.metrics("rtn")]  # nothing half-written

@@ -25,6 +25,7 @@ from typing import Any
 from quantstudy.chat import render
 from quantstudy.interleave import WARMUP_TOKENS
 from quantstudy.context import RunContext
+from quantstudy.errors import QuantStudyError
 from quantstudy.models import weights_size
 from quantstudy.store import ModelRecord
 
@@ -99,6 +100,7 @@ def labels(ctx: RunContext, job: dict[str, Any], side: dict[str, Any], batch: in
             "batch_size": batch, "n_prompts": len(job["prompts"]), "max_new_tokens": job["max_new_tokens"],
             "warmup": job["warmup"], "warmup_tokens": min(job["max_new_tokens"], WARMUP_TOKENS),
             "chat_template": side["chat_template"], "rounds": side["rounds"],
+            "interleaved": side.get("interleaved", "yes: round by round with the other side"),
             # prefill is a large-M matmul: the int4 kernel dequantizes per tile and is no faster than dense there
             "prefill": "not accelerated by the int4 kernel" if packed else "dense",
             "dense_layers": side.get("dense_layers", {}), "malloc_mmap_threshold": side.get("malloc_mmap_threshold"),
@@ -155,13 +157,33 @@ def measure_model(ctx: RunContext, model: ModelRecord, parent: ModelRecord | Non
     act = "bfloat16"  # the packed kernels' activation dtype: the deployment comparison is made in it
     if parent is None:
         jobs = [side_job(ctx, model, "dense", act, prompts), side_job(ctx, model, "dense", "float32", prompts)]
-        bf16, fp32 = interleave(ctx, jobs, speed.rounds)
+        if side_bytes(model, 2) + side_bytes(model, 4) <= memory_available():
+            bf16, fp32 = interleave(ctx, jobs, speed.rounds)
+        else:  # both loaded at once would not fit: float32 is the secondary figure, so it goes after, labelled
+            (bf16,), (fp32,) = interleave(ctx, jobs[:1], speed.rounds), interleave(ctx, jobs[1:], speed.rounds)
+            fp32["interleaved"] = "no: measured after the bf16 side (both would not fit in memory together)"
+        # how the deployment dtype compares with float32 on this machine (a CPU without native bf16 runs
+        # bf16 matmuls slower than float32): every speed-up below is against bf16, and this puts it in scale
+        dtype_ratio = paired_ratio(fp32, bf16, ctx.cfg.seed)
+        if "interleaved" in fp32:  # measured one after the other: not a paired ratio
+            dtype_ratio.update(comparable=False, why="not comparable: bf16 and float32 were measured one after "
+                               "the other (both would not fit in memory together)")
         with ctx.store.tx():
             _put_side(ctx, model.name, jobs[0], bf16)
             _put_side(ctx, model.name, jobs[1], fp32, prefix="float32.")
+            ctx.store.put_metric(model.name, "speed.bf16_vs_float32", dtype_ratio["ratio"],
+                                 {**dtype_ratio, "measured": "batch-1 decode tokens/s of the model dense in bf16 / "
+                                  "dense in float32, same prompts, interleaved rounds; 95% bootstrap interval over "
+                                  "prompts"})
             _put_disk(ctx, model)
         return
     packed = speed.backend.value == "packed" and is_w4a16(Path(model.path))
+    need, have = side_bytes(parent, 2) + side_bytes(model, 1 if packed else 2), memory_available()
+    if need > have:  # a pairing needs both loaded; an out-of-memory kill would say much less than this
+        raise QuantStudyError(f"the paired speed measurement needs ~{need / 2**30:.1f} GiB (parent bf16 and "
+                              f"{model.name} loaded at once), {have / 2**30:.1f} GiB is available",
+                              field="evaluate.speed", value=model.name, fix="run on a machine with more memory, "
+                              "or set evaluate.speed: null to skip speed and memory figures")
     jobs = [side_job(ctx, parent, "dense", act, prompts),
             side_job(ctx, model, "packed" if packed else "dense", act, prompts)]
     p_side, m_side = interleave(ctx, jobs, speed.rounds)
@@ -180,6 +202,25 @@ def measure_model(ctx: RunContext, model: ModelRecord, parent: ModelRecord | Non
                                       "uses, on the speed prompts (teacher-forced prompt tokens)",
                                       "n_positions": kl["n_positions"]})
         _put_disk(ctx, model)
+
+
+def side_bytes(model: ModelRecord, bytes_per_param: float) -> float:
+    """Rough memory of one measuring process: weights at `bytes_per_param` (from config.json's shape;
+    1 for packed 4-bit with bf16 embeddings, a generous round-up) plus ~1 GiB of interpreter, libraries
+    and activations."""
+    from quantstudy.estimate import params_from_config
+
+    try:
+        params = params_from_config(json.loads((Path(model.path) / "config.json").read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        params = weights_size(Path(model.path)) / 2  # unknown shape: assume 2-byte weights on disk
+    return params * bytes_per_param + 2**30
+
+
+def memory_available() -> float:
+    import psutil
+
+    return float(psutil.virtual_memory().available)
 
 
 def numerics_check(ctx: RunContext, model: ModelRecord, prompts: list[str]) -> dict[str, float]:

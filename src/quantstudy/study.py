@@ -102,8 +102,9 @@ def plan(ctx: RunContext) -> list[Step]:
                 parent = parent_of.get(name)
                 pair = [model_keys[parent]] if parent else []
                 # "paired": figures measured before the paired, packed-kernel method are not reused
+                # a root's key also says its bf16/float32 pairing is recorded (speed.bf16_vs_float32)
                 steps.append(Step("measure", name, key_of("measure", "paired", mkey, cfg.evaluate.speed, versions,
-                                                          *tpl, *pair),
+                                                          *tpl, *(pair or ["bf16-vs-float32"])),
                                   parents=[parent] if parent else []))
     if cfg.fidelity is not None:
         for s in [s for s in steps if s.stage == "quantize"]:

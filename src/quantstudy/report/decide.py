@@ -184,7 +184,9 @@ def plan_rows(cfg: StudyConfig, pilot: Path | None, discordance: float | None) -
     from quantstudy.variants import expand_variants
 
     dc, specs = cfg.decision, (cfg.evaluate.task_specs() if cfg.evaluate else [])
-    alpha = dc.alpha / max(1, len(expand_variants(cfg)))
+    # the candidates the report will split alpha over: every variant, and its trained copy when the study trains
+    cands = len(expand_variants(cfg)) * (2 if cfg.train is not None else 1)
+    alpha = dc.alpha / max(1, cands)
     observed: dict[str, tuple[float, str]] = {}
     if pilot is not None:
         observed = _pilot_discordance(pilot)
@@ -210,7 +212,7 @@ def plan_rows(cfg: StudyConfig, pilot: Path | None, discordance: float | None) -
                    "no: the task has %d" % avail if avail and need and need > avail else "no: raise the limit")
         src += "; none seen: n is a floor" if psi == 0 else ""
         rows.append([task, f"{m:g} pt", f"{psi:.3f}", src, str(need), str(planned or "-"), verdict])
-    note = (f"One-sided Tango score test at alpha {dc.alpha:g} / {max(1, len(expand_variants(cfg)))} variants = "
+    note = (f"One-sided Tango score test at alpha {dc.alpha:g} / {max(1, cands)} candidate variants = "
             f"{alpha:.4f}, power {dc.power:.0%}, true loss 0 (Nam 1997's sample size for paired proportions). "
             "Relative margins are planned as points here (the parent's accuracy is not known before the run).")
     return rows, note

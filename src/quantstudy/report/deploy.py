@@ -79,6 +79,12 @@ class Deploy:
     kl_packed: float | None = None  # KL(decompressed || packed) per token on the speed prompts
     top1_packed: float | None = None  # top-1 agreement packed vs decompressed
     activation_dtype: str | None = None
+    # a root model: its dense float32 figures and the paired bf16/float32 decode ratio (speed.bf16_vs_float32)
+    float32_tokens_per_s: float | None = None
+    float32_peak_bytes: float | None = None
+    bf16_vs_float32: float | None = None  # None when not measured or not comparable
+    bf16_vs_float32_note: str = ""
+    mem_reduction_vs_float32_pct: float | None = None  # a variant: its peak vs the root's float32 run
 
 
 def _metric(metrics: dict[str, tuple[float | None, dict[str, Any]]], name: str) -> float | None:
@@ -101,6 +107,16 @@ def deploy_row(model: str, role: str, size: int | None, metrics: dict[str, tuple
     d.kl_packed = _metric(metrics, "numerics.kl_packed_vs_decompressed")
     d.top1_packed = _metric(metrics, "numerics.top1_packed_vs_decompressed")
     if parent is None:
+        d.float32_tokens_per_s = _metric(metrics, "speed.float32.tokens_per_s")
+        d.float32_peak_bytes = _metric(metrics, "memory.float32.peak_bytes")
+        if (ratio := metrics.get("speed.bf16_vs_float32")) is not None:
+            value, rinfo = ratio
+            if rinfo.get("comparable"):
+                d.bf16_vs_float32 = value
+                d.bf16_vs_float32_note = (f"paired, 95% CI {rinfo.get('lo'):.2f}-{rinfo.get('hi'):.2f}x, "
+                                          f"{rinfo.get('rounds')} interleaved rounds, decode at batch 1")
+            else:
+                d.bf16_vs_float32_note = rinfo.get("why") or "not comparable"
         return d
     if size and parent.size_bytes:
         d.size_reduction_pct = 100 * (parent.size_bytes - size) / parent.size_bytes
@@ -108,6 +124,8 @@ def deploy_row(model: str, role: str, size: int | None, metrics: dict[str, tuple
     if d.peak_bytes is not None and parent_peak:
         d.mem_reduction_bytes = parent_peak - d.peak_bytes
         d.mem_reduction_pct = 100 * d.mem_reduction_bytes / parent_peak
+        if parent.float32_peak_bytes:
+            d.mem_reduction_vs_float32_pct = 100 * (parent.float32_peak_bytes - d.peak_bytes) / parent.float32_peak_bytes
     paired = metrics.get("speed.speedup")
     ptok = _metric(metrics, "speed.parent.tokens_per_response") if paired else parent.tokens_per_response
     if paired is None and not (d.latency_s and parent.latency_s):
@@ -124,6 +142,10 @@ def deploy_row(model: str, role: str, size: int | None, metrics: dict[str, tuple
             d.speedup, d.speedup_lo, d.speedup_hi = value, pinfo.get("lo"), pinfo.get("hi")
             d.speedup_note = (f"paired, 95% CI {d.speedup_lo:.2f}-{d.speedup_hi:.2f}x, {pinfo.get('rounds')} "
                               f"interleaved rounds, decode at batch 1")
+            if parent.bf16_vs_float32 is not None and pinfo.get("activation_dtype") == "bfloat16":
+                # two paired ratios multiplied: model/bf16 parent x bf16/float32 parent, measured at two times
+                d.speedup_note += (f"; vs the parent dense in float32 ~{value * parent.bf16_vs_float32:.2f}x "
+                                   f"(chained through the parent's bf16/float32 pairing)")
     else:
         d.speedup = parent.latency_s / d.latency_s  # type: ignore[operator]
         d.speedup_note = UNPAIRED if tok and ptok else \

@@ -28,7 +28,9 @@ def speed_text(dep: Deploy) -> str:
 def memory_text(dep: Deploy) -> str:
     if dep.mem_reduction_bytes is None:
         return d.DASH
-    return f"{d.size(dep.mem_reduction_bytes)} ({d.pct(dep.mem_reduction_pct / 100)})"  # type: ignore[operator]
+    vs32 = (f"; vs the parent in float32 {d.pct(dep.mem_reduction_vs_float32_pct / 100)}"
+            if dep.mem_reduction_vs_float32_pct is not None else "")
+    return f"{d.size(dep.mem_reduction_bytes)} ({d.pct(dep.mem_reduction_pct / 100)}{vs32})"  # type: ignore[operator]
 
 
 def _how(dep: Deploy) -> str:
@@ -50,6 +52,7 @@ def summary(doc: Document, a: Analysis, recs: list[Recommendation]) -> None:
             if r.topic in ("most accurate", "deployment") or r.topic.startswith("training")]
     for m in a.models:
         if not m.parent:
+            out += _baseline_dtype(m.name, a.deploy_of(m.name))
             continue
         comps = a.between(m.parent, m.name)
         if not comps:
@@ -84,6 +87,21 @@ def summary(doc: Document, a: Analysis, recs: list[Recommendation]) -> None:
                    f"tables), but a 'tie' never means 'equal'.")
     out += [f"Warning: {w}" for w in a.warnings]
     doc.add(Bullets(out))
+
+
+def _baseline_dtype(name: str, dep: Deploy) -> list[str]:
+    """A root's bf16 and float32 figures side by side: the speed-ups and memory reductions of its variants
+    are against its bf16 run (the packed kernels' activation dtype), which a CPU without native bf16 runs
+    slower, and with more memory, than float32."""
+    if dep.float32_tokens_per_s is None or dep.tokens_per_s is None:
+        return []
+    ratio = (f"{dep.bf16_vs_float32:.2f}x the float32 decode speed ({dep.bf16_vs_float32_note})"
+             if dep.bf16_vs_float32 is not None else f"bf16/float32 decode ratio {dep.bf16_vs_float32_note or d.DASH}")
+    mem = (f"; peak memory {d.size(dep.peak_bytes)} in bf16 vs {d.size(dep.float32_peak_bytes)} in float32"
+           if dep.peak_bytes is not None and dep.float32_peak_bytes is not None else "")
+    return [f"**{name} on this hardware**: dense bf16 {dep.tokens_per_s:.1f} tokens/s vs float32 "
+            f"{dep.float32_tokens_per_s:.1f} (request rate, batch 1); bf16 runs at {ratio}{mem}. Speed-ups and memory "
+            f"reductions of its variants are against its bf16 run; their notes also give the figure against float32."]
 
 
 def _units(r: decide.NonInferiority, x: float | None) -> str:
@@ -162,6 +180,19 @@ def models_table(doc: Document, a: Analysis) -> None:
                   "= model / parent per task, averaged; intervals per task are in the task details."
                   + (_SCHEMES_NOTE if any(m.spec.get("bits_per_weight") or m.eval_activations for m in a.models)
                      else "")))
+    if any(dep.latency_s or dep.peak_bytes for dep in a.deploy):
+        rows = [[dep.model, d.secs(dep.latency_s), d.secs(dep.latency_p95_s), d.secs(dep.ttft_s),
+                 d.num(dep.tokens_per_response, 1), d.num(dep.tokens_per_s, 1), speed_text(dep),
+                 d.size(dep.peak_bytes), memory_text(dep), _how(dep)] for dep in
+                (a.deploy_of(m.name) for m in a.models)]
+        doc.add(Table(["model", "latency mean", "latency p95", "TTFT", "tokens/response", "tokens/s",
+                       "speed-up vs parent", "peak memory", "memory reduction", "how measured"], rows,
+                      "Speed-up (>1 = faster): the model's batch-1 decode rate / its parent's, measured paired "
+                      "(both loaded, interleaved rounds over the same prompts) with a 95% bootstrap interval over "
+                      "prompts; stores from before pairing: parent latency / model latency, marked unpaired. Shown "
+                      "only when tokens per response differ by less than 1.25x and the machine was not busy. Latency, "
+                      "TTFT and tokens/s are per request (prefill included). Memory reduction = parent peak - model "
+                      "peak, the parent's from the same paired measurement."))
 
 
 _SCHEMES_NOTE = (" Bits/weight: the saved quantized layers' bytes (packed weights, scales, zero points, global scales) "
@@ -179,16 +210,6 @@ def _activations_note(m: ModelInfo) -> str:
         return f"; evaluated with {ev.get('dtype', 'unquantized')} activations (not quantized)"
     kinds = ", ".join(f"{k} on {n} layers" for k, n in (ev.get("kinds") or {}).items())
     return f"; evaluated with activations quantized ({kinds}, emulated in {ev.get('dtype', 'float')})"
-    if any(dep.latency_s or dep.peak_bytes for dep in a.deploy):
-        rows = [[dep.model, d.secs(dep.latency_s), d.secs(dep.latency_p95_s), d.secs(dep.ttft_s),
-                 d.num(dep.tokens_per_response, 1), d.num(dep.tokens_per_s, 1), speed_text(dep),
-                 d.size(dep.peak_bytes), memory_text(dep), _how(dep)] for dep in
-                (a.deploy_of(m.name) for m in a.models)]
-        doc.add(Table(["model", "latency mean", "latency p95", "TTFT", "tokens/response", "tokens/s",
-                       "speed-up vs parent", "peak memory", "memory reduction", "how measured"], rows,
-                      "Speed-up = parent latency / model latency (>1 = faster), shown only when tokens per response "
-                      "differ by less than 1.25x. Memory reduction = parent peak - model peak. Single measurements, "
-                      "no significance test."))
 
 
 def ranking(doc: Document, a: Analysis, rows: list[RankRow]) -> None:
