@@ -222,6 +222,7 @@ def main() -> None:
     p.add_argument("--model", default=None, help="HF model dir (default: the built-in SmolLM2-135M-Instruct)")
     p.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
     p.add_argument("--save", default=None, help="JSON file: append this invocation's runs, report all runs in it")
+    p.add_argument("--only", choices=["lmeval", "quantstudy"], help="run one side only (with --save: a run in two slots)")
     p.add_argument("--worker", choices=["lmeval", "quantstudy"], help=argparse.SUPPRESS)
     a = p.parse_args()
     a.limit = a.limit if a.limit is not None else DEFAULT_LIMIT[a.task]
@@ -244,6 +245,8 @@ def main() -> None:
     for r in range(a.runs):
         k = len(runs["lmeval"]) + len(runs["quantstudy"])  # which side goes first alternates across invocations too
         for side in (("lmeval", "quantstudy") if (k // 2) % 2 == 0 else ("quantstudy", "lmeval")):
+            if a.only and side != a.only:
+                continue
             cmd = [sys.executable, __file__, "--worker", side, "--task", a.task, "--model", a.model,
                    "--data-dir", a.data_dir] + (["--limit", str(a.limit)] if a.limit else [])
             out = subprocess.run(cmd, capture_output=True, text=True)
@@ -256,6 +259,8 @@ def main() -> None:
                   f"load avg {res['load'][0]:.1f} -> {res['load'][1]:.1f}", flush=True)
             if a.save:
                 Path(a.save).write_text(json.dumps({"task": a.task, "limit": a.limit, "model": a.model, "runs": runs}))
+    if not (runs["lmeval"] and runs["quantstudy"]):
+        return
     if gen:
         report_generative(a, runs)
     else:
