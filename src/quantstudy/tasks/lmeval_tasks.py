@@ -68,11 +68,13 @@ def load_tasks(spec: LMEvalTaskSpec, config_dir: Path, trust: bool, seed: int) -
     return loaded
 
 
-def store_key(spec: LMEvalTaskSpec, leaf: str, loaded: dict[str, Any]) -> str:
-    """Name items are stored under: the entry's key for a single task, the leaf name inside a group."""
+def store_key(spec: LMEvalTaskSpec, leaf: str, loaded: dict[str, Any], taken: set[str] = frozenset()) -> str:
+    """Name items are stored under: the entry's key for a single task, the leaf name inside a group
+    (prefixed with the entry's key under an alias, or when another entry of the study has that name,
+    e.g. a group's registry gsm8k beside the built-in gsm8k: their items must not mix)."""
     if len(loaded["tasks"]) == 1 and not loaded.get("groups"):
         return spec.key
-    return f"{spec.alias}.{leaf}" if spec.alias else leaf
+    return f"{spec.key}.{leaf}" if spec.alias or leaf in taken else leaf
 
 
 def select(task: Any, spec: LMEvalTaskSpec, mode: LimitMode, seed: int) -> list[int]:
@@ -236,8 +238,9 @@ def evaluate_entry(ctx: Any, lazy: Any, spec: LMEvalTaskSpec, progress: Any, mod
     kwargs = merged_kwargs(ctx.cfg.model.chat_template_kwargs, spec.chat_template_kwargs) if spec.chat_template else {}
     chat = chat_fn(lazy.tokenizer(), kwargs) if spec.chat_template else None
     leaf_metrics: dict[str, dict[str, Any]] = {}
+    taken = {t.key for t in ecfg.task_specs()} | {t.key for t in ecfg.lmeval_specs() if t.key != spec.key}
     for leaf, task in loaded["tasks"].items():
-        key = store_key(spec, leaf, loaded)
+        key = store_key(spec, leaf, loaded, taken)
         indices = select(task, spec, ecfg.limit_mode, ecfg.seed)
         by = build(task, indices, chat)
         tag = kwargs_tag(kwargs)
