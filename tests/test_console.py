@@ -121,3 +121,12 @@ def test_quantize_shows_calibration_progress_per_layer(root):
     assert seen, r.stdout
     assert [int(d) for d, _ in seen] == list(range(1, layers + 2)), r.stdout
     assert {int(t) for _, t in seen} == {layers + 1}
+
+
+def test_headline_names_an_lmeval_tasks_own_metric():
+    """lm-eval tasks name their metrics themselves ("exact_match,strict-match"): the finish line shows the
+    first one rather than the bare task name."""
+    m = {"eval.gsm8k.exact_match,strict-match": 0.05, "eval.gsm8k.n": 20.0, "eval.arc_easy.acc": 0.5,
+         "eval.arc_easy.n": 40.0}
+    assert progress._task_headline(m, "gsm8k") == "gsm8k exact_match,strict-match 0.05 (n=20)"
+    assert progress._task_headline(m, "arc_easy") == "arc_easy acc 0.5 (n=40)"

@@ -193,9 +193,13 @@ def headline(store: Store, stage: str, model: str) -> str:
 
 
 def _task_headline(m: dict[str, float | None], task: str) -> str:
+    n = m.get(f"eval.{task}.n")
+    tail = f" (n={n:.0f})" if n is not None else ""
     for key, label in (("acc", "acc"), ("f1", "f1"), ("word_perplexity", "word ppl")):
         value = m.get(f"eval.{task}.{key}")
         if value is not None:
-            n = m.get(f"eval.{task}.n")
-            return f"{task} {label} {value:.3g}" + (f" (n={n:.0f})" if n is not None else "")
-    return task
+            return f"{task} {label} {value:.3g}{tail}"
+    # an lm-eval task names its own metrics (e.g. "exact_match,strict-match"): its first one, as lm-eval lists it
+    own = next(((k.split(".", 2)[2], v) for k, v in m.items()
+                if k.startswith(f"eval.{task}.") and k != f"eval.{task}.n" and v is not None), None)
+    return f"{task} {own[0]} {own[1]:.3g}{tail}" if own else task
