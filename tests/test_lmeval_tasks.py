@@ -241,6 +241,14 @@ def test_group_subtasks_and_aggregate_agree_with_lm_eval(tmp_path: Path, tiny: P
         assert len(list(ctx.store.items("m", t))) == 12
         assert got[f"eval.{t}.acc"] == pytest.approx(ref["results"][t]["acc,none"])
     assert got["eval.qs_group.acc"] == pytest.approx(ref["results"]["qs_group"]["acc,none"])
+    # under an alias the group's aggregate is stored under the alias, not the group's own name (which a
+    # built-in task of that name would otherwise share), and the report's group table reads it there
+    actx = study(tmp_path / "aliased", [{"lmeval": "qs_group", "include_path": str(gdir), "limit": 12,
+                                         "alias": "lm_grp"}])
+    evaluate_model(actx, ModelRecord(name="m", role="baseline", path=str(tiny)))
+    agot = {n: (v, i) for _, n, v, i in actx.store.metrics("m")}
+    assert agot["eval.lm_grp.acc"][0] == pytest.approx(ref["results"]["qs_group"]["acc,none"])
+    assert agot["eval.lm_grp.acc"][1]["group"] == "lm_grp" and "eval.qs_group.acc" not in agot
 
 
 # ------------------------------------------------------------------ refusals, names, offline

@@ -211,8 +211,9 @@ def _pair_weight(pair: Any, default: int) -> int:
     return int(pair[1]) if isinstance(pair, (list, tuple)) and len(pair) == 2 else default
 
 
-def aggregate(task: Any, recs: list[st.ItemRecord]) -> dict[str, float]:
-    """lm-eval's aggregation functions over all selected items (per-item values and corpus pairs)."""
+def aggregate(task: Any, recs: list[st.ItemRecord], failed: dict[str, str] | None = None) -> dict[str, float]:
+    """lm-eval's aggregation functions over all selected items (per-item values and corpus pairs).
+    An aggregation that raises is left out and its error kept in `failed` (metric -> error) for the record."""
     agg, out = task.aggregation(), {}
     names = dict.fromkeys(n for r in recs for n in (*r.details["metrics"], *r.details.get("corpus", {})))
     for name in names:
@@ -223,7 +224,9 @@ def aggregate(task: Any, recs: list[st.ItemRecord]) -> dict[str, float]:
             continue
         try:
             v = fn(vals)
-        except Exception:  # an aggregation that needs the hub (e.g. squadv2's HF metric) offline
+        except Exception as e:  # e.g. squadv2's metric, loaded from the hub, offline: not fatal, but on record
+            if failed is not None:
+                failed[name] = f"{type(e).__name__}: {str(e)[:200]}"
             continue
         if _num(v) is not None and not math.isnan(float(v)):
             out[name] = float(v)
@@ -271,21 +274,30 @@ def evaluate_entry(ctx: Any, lazy: Any, spec: LMEvalTaskSpec, progress: Any, mod
             ctx.store.put_metric(model_name, f"time.eval.{key}", time.perf_counter() - t0,
                                  {"items_scored": len(todo), "items": len(indices)})
         recs = [have[str(d)] for d in indices]
-        values = aggregate(task, recs)
+        failed: dict[str, str] = {}
+        values = aggregate(task, recs, failed)
+        if failed:
+            ctx.console.print(f"  {key}: lm-eval could not aggregate {', '.join(failed)} here "
+                              f"({next(iter(failed.values()))}); per-item values are stored", highlight=False)
         leaf_metrics[leaf] = {**{k if "," in k else f"{k},none": v for k, v in values.items()}, "sample_len": len(recs)}
         info = {"n": len(recs), "limit": spec.limit, "limit_mode": ecfg.limit_mode.value, "seed": ecfg.seed,
                 "num_fewshot": task.get_config("num_fewshot"), "chat_template": bool(chat),
                 "backend": sorted({str(r.details.get("backend")) for r in recs}), "lmeval": spec.lmeval,
-                "data": str(task.get_config("dataset_path")), "higher_is_better": task.higher_is_better()}
+                "data": str(task.get_config("dataset_path")), "higher_is_better": task.higher_is_better(),
+                "not_aggregated": failed}  # lm-eval aggregations that failed here, with their errors
         with ctx.store.tx():
             for name, v in values.items():
                 ctx.store.put_metric(model_name, f"eval.{key}.{name}", v, info)
     for gname, group in (loaded.get("groups") or {}).items():  # lm-eval's own group aggregate
+        # stored like a leaf: under the entry's key when aliased or when another entry has the name
+        # (a group `mmlu` beside the built-in mmlu must not overwrite eval.mmlu.acc)
+        gkey = spec.key if gname == spec.lmeval and spec.alias else store_key(spec, gname, {"tasks": {}, "groups": 1}, taken)
         res = group.aggregate(leaf_metrics)
         with ctx.store.tx():
             for name, v in res.items():
                 if name.endswith("_stderr,none") or "_stderr," in name or _num(v) is None or name == "sample_len":
                     continue
-                ctx.store.put_metric(model_name, f"eval.{gname}.{name.removesuffix(',none')}", float(v),
-                                     {"group": gname, "subtasks": loaded["group_map"].get(gname, []),
+                ctx.store.put_metric(model_name, f"eval.{gkey}.{name.removesuffix(',none')}", float(v),
+                                     {"group": gkey, "lmeval_group": gname,
+                                      "subtasks": loaded["group_map"].get(gname, []),
                                       "n": res.get("sample_len"), "lmeval": spec.lmeval})
