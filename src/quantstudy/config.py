@@ -115,6 +115,12 @@ class ModelConfig(Strict):
     think_start_token: str = "<think>"
     think_end_token: str | None = "</think>"
 
+    def think_markers_changed(self) -> tuple[str, str | None] | None:
+        """The reasoning markers when they differ from the defaults, else None: they join stage keys and
+        prompt hashes only then, so results stored before the fields existed stay fresh."""
+        markers = (self.think_start_token, self.think_end_token)
+        return None if markers == ("<think>", "</think>") else markers
+
     @field_validator("chat_template_kwargs")
     @classmethod
     def _kwargs_are_template_args(cls, v: dict[str, Any]) -> dict[str, Any]:

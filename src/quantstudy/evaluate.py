@@ -77,10 +77,10 @@ def chat_fn(tokenizer: Any, kwargs: dict[str, Any] | None = None) -> ChatFn:
 def think_tag(ctx: RunContext, task: Task) -> str:
     """Reasoning markers in the prompt hash of generative tasks, only when they differ from the
     defaults (so results stored before they existed stay fresh)."""
-    m = ctx.cfg.model
-    if task.kind is not Kind.generate or (m.think_start_token, m.think_end_token) == ("<think>", "</think>"):
+    changed = ctx.cfg.model.think_markers_changed()
+    if task.kind is not Kind.generate or changed is None:
         return ""
-    return f"think={m.think_start_token}|{m.think_end_token}"
+    return f"think={changed[0]}|{changed[1]}"
 
 
 def build_prompts(task: Task, items: list[Item], data_dir: Path | None, num_fewshot: int | None, seed: int,

@@ -273,7 +273,8 @@ def quantize_model(ctx: Any, v: Variant, parent: Any, name: str, out_dir: Path) 
         store.put_metric(name, "quantize.awq_mappings_skipped", float(skipped), {"skipped": report.awq_skipped})
         if skipped:
             ctx.console.print(f"  AWQ: {len(rows)} smoothing mappings applied, {skipped} skipped "
-                              f"({'; '.join(sorted(set(report.awq_skipped.values()))) or 'incompatible shapes'})")
+                              f"({'; '.join(sorted(set(report.awq_skipped.values()))) or 'incompatible shapes'})",
+                              highlight=False, soft_wrap=True)  # one line in a pipe too
     from quantstudy.schemes import bits_per_weight, info
 
     if report.autoround_unquantized:  # said, not hidden: these layers stay full precision

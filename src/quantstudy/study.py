@@ -77,8 +77,7 @@ def plan(ctx: RunContext) -> list[Step]:
     # model-level chat template variables and reasoning markers shape what later stages render and
     # score; they join those keys only when set, so keys of studies that predate them do not change
     tpl = [cfg.model.chat_template_kwargs] if cfg.model.chat_template_kwargs else []
-    think = [] if (cfg.model.think_start_token, cfg.model.think_end_token) == ("<think>", "</think>") else \
-        [cfg.model.think_start_token, cfg.model.think_end_token]
+    think = list(cfg.model.think_markers_changed() or [])
     roots = [(BASE, steps[0].key)]
     # lm-eval tasks (#20): found, trusted and their data reachable, checked now (plan time); their user
     # YAML, code and data files join the evaluate key only when such tasks are listed
