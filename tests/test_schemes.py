@@ -257,3 +257,17 @@ def test_autoround_options_key_only_autoround_variants():
     a, b = keys(20), keys(50)
     assert a["gptq-w4a16g64-c8"] == b["gptq-w4a16g64-c8"]
     assert a["autoround-w4a16g64-c8"] != b["autoround-w4a16g64-c8"]
+
+
+def test_a_group_size_applies_to_the_schemes_of_a_list_that_take_one():
+    """`scheme: [W4A16, W8A8]` with `group_size: 64`: W4A16 gets groups of 64, W8A8 keeps its per-channel
+    layout; a group size on a fixed-layout scheme alone is still refused with the fix."""
+    from quantstudy.variants import expand_variants
+
+    cfg = parse_config({"name": "t", "model": {"source": "x"},
+                        "quantize": [{"method": "gptq", "scheme": ["W4A16", "W8A8"], "group_size": 64}]})
+    assert [(v.name, v.group_size) for v in expand_variants(cfg)] == [("gptq-w4a16g64-c64", 64),
+                                                                      ("gptq-w8a8-c64", None)]
+    with pytest.raises((QuantStudyError, ValueError), match="remove `group_size`"):
+        parse_config({"name": "t", "model": {"source": "x"},
+                      "quantize": [{"method": "gptq", "scheme": "W8A8", "group_size": 64}]})

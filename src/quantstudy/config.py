@@ -513,10 +513,17 @@ class StudyConfig(Strict):
     def _scheme_combinations(self) -> StudyConfig:
         from quantstudy.schemes import check_entry  # one rule table for load time, plan and docs
 
+        from quantstudy.schemes import info
+
         for i, e in enumerate(self.quantize):
+            schemes = e.scheme if isinstance(e.scheme, list) else [e.scheme]
+            fields = set(e.model_fields_set)
+            if len(schemes) > 1 and any(x is None or info(x).group_configurable for x in schemes):
+                # a group size for the schemes that take one; fixed-layout schemes in the list ignore it
+                fields.discard("group_size")
             for m in e.method if isinstance(e.method, list) else [e.method]:
-                for s in e.scheme if isinstance(e.scheme, list) else [e.scheme]:
-                    check_entry(i, m.value, s, e.model_fields_set, e.smoothquant is not None, e.group_size)
+                for s in schemes:
+                    check_entry(i, m.value, s, fields, e.smoothquant is not None, e.group_size)
         return self
 
     @field_validator("name")
