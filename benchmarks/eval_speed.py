@@ -267,6 +267,15 @@ def main() -> None:
         report(a, runs, full, shared)
 
 
+def print_speedup_and_load(runs: dict[str, list[dict]], med: dict[str, float]) -> None:
+    """The speed-up lines and the load the runs saw, shared by the multiple-choice and generative reports."""
+    best = min(r["wall"] for r in runs["lmeval"]) / min(r["wall"] for r in runs["quantstudy"])
+    print(f"speed-up (lm-eval / quantstudy): {med['lmeval'] / med['quantstudy']:.2f}x median, {best:.2f}x best-of")
+    loads = [x for v in runs.values() for r in v for x in r["load"]]
+    print(f"1-min load average during runs: {min(loads):.1f} to {max(loads):.1f} on {os.cpu_count()} CPUs "
+          f"(above ~{os.cpu_count()}: other processes competed, timings inflated)")
+
+
 def report(a: argparse.Namespace, runs: dict[str, list[dict]], full: int, shared: int) -> None:
     med = {k: statistics.median(r["wall"] for r in v) for k, v in runs.items()}
     ref, ours = runs["lmeval"][0]["preds"], runs["quantstudy"][0]["preds"]
@@ -282,11 +291,7 @@ def report(a: argparse.Namespace, runs: dict[str, list[dict]], full: int, shared
         walls = ", ".join(f"{r['wall']:.1f}" for r in v)
         print(f"{k:<12}{med[k]:>16.1f}{walls:>24}{min(r['wall'] for r in v):>8.1f}{full / med[k]:>12.0f}"
               f"{max(r['peak_rss'] for r in v) / 2**30:>14.2f}")
-    best = min(r["wall"] for r in runs["lmeval"]) / min(r["wall"] for r in runs["quantstudy"])
-    print(f"speed-up (lm-eval / quantstudy): {med['lmeval'] / med['quantstudy']:.2f}x median, {best:.2f}x best-of")
-    loads = [x for v in runs.values() for r in v for x in r["load"]]
-    print(f"1-min load average during runs: {min(loads):.1f} to {max(loads):.1f} on {os.cpu_count()} CPUs "
-          f"(above ~{os.cpu_count()}: other processes competed, timings inflated)")
+    print_speedup_and_load(runs, med)
     print(f"identical predictions: acc {acc_same:.2%}, acc_norm {norm_same:.2%}"
           f"{'' if stable else ' (quantstudy predictions varied between runs!)'}")
     for k, v in (("lm-eval", ref), ("quantstudy", ours)):
@@ -309,11 +314,7 @@ def report_generative(a: argparse.Namespace, runs: dict[str, list[dict]]) -> Non
         walls = ", ".join(f"{r['wall']:.1f}" for r in v)
         print(f"{k:<12}{med[k]:>16.1f}{walls:>28}{min(r['wall'] for r in v):>8.1f}"
               f"{statistics.median(r['cpu_s'] for r in v):>8.1f}{max(r['peak_rss'] for r in v) / 2**30:>14.2f}")
-    best = min(r["wall"] for r in runs["lmeval"]) / min(r["wall"] for r in runs["quantstudy"])
-    print(f"speed-up (lm-eval / quantstudy): {med['lmeval'] / med['quantstudy']:.2f}x median, {best:.2f}x best-of")
-    loads = [x for v in runs.values() for r in v for x in r["load"]]
-    print(f"1-min load average during runs: {min(loads):.1f} to {max(loads):.1f} on {os.cpu_count()} CPUs "
-          f"(above ~{os.cpu_count()}: other processes competed, timings inflated)")
+    print_speedup_and_load(runs, med)
     print("model positions computed (first run of each side; prompt tokens = without padding or sharing):")
     print(f"{'':<12}{'prompt tok':>11}{'prefill pos':>12}{'decode pos':>11}{'prefill s':>10}{'decode s':>9}")
     for k, r in (("lm-eval", ref), ("quantstudy", ours)):

@@ -7,13 +7,12 @@ import pytest
 import torch
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from quantstudy import fastscore
 from quantstudy.fastscore import FastScorer
 from quantstudy.generation import generate_tokens
 from quantstudy.scoring import GenRequest, LLRequest
+from tests.tiny import bpe_llama
 
 CORPUS = ["Question: What is the capital of France?\nAnswer: Paris is the capital.",
           "The quick brown fox jumps over the lazy dog. A dog sleeps in the sun.",
@@ -24,19 +23,7 @@ CTX = "Question: What is the capital of France?\nAnswer:"
 @pytest.fixture(scope="module")
 def tiny():
     """A byte-level BPE trained here (real merges, so token boundaries matter) and a random Llama."""
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=320, special_tokens=["<bos>", "<eos>"],
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<bos>", eos_token="<eos>", pad_token="<eos>")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=48,
-                      bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    model = LlamaForCausalLM(cfg).double().eval()
-    model.generation_config.eos_token_id = 1
-    return model, tok
+    return bpe_llama(CORPUS, 320, 48)
 
 
 def requests() -> list[LLRequest]:

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from quantstudy import generation
 from quantstudy.generation import generate_continuous, shared_prefixes
+from tests.tiny import bpe_llama
 
 CORPUS = ["Title: Normans\n\nBackground: The Normans were the people who gave their name to Normandy.",
           "Question: In what country is Normandy located?\n\nAnswer: France",
@@ -18,19 +17,7 @@ CORPUS = ["Title: Normans\n\nBackground: The Normans were the people who gave th
 
 @pytest.fixture(scope="module", params=["sdpa", "eager"])
 def tiny(request):
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<bos>", "<eos>"],
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<bos>", eos_token="<eos>", pad_token="<eos>")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      bos_token_id=0, eos_token_id=1, pad_token_id=1, attn_implementation=request.param)
-    model = LlamaForCausalLM(cfg).double().eval()
-    model.generation_config.eos_token_id = 1
-    return model, tok
+    return bpe_llama(CORPUS, 300, 512, request.param)
 
 
 def prompts(tok, n: int = 11) -> list[list[int]]:

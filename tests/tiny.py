@@ -38,3 +38,26 @@ def make_tiny_model(root: Path, hidden: int = 64, layers: int = 2, intermediate:
     model.save_pretrained(root)
     tok.save_pretrained(root)
     return root
+
+
+def bpe_llama(corpus: list[str], vocab_size: int, max_positions: int, attn: str | None = None):
+    """(model, tokenizer) in memory: a byte-level BPE trained on `corpus` (real merges, so token boundaries
+    matter) and a random 2-layer float64 Llama, EOS = 1, for exact comparisons with transformers."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<bos>", "<eos>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<bos>", eos_token="<eos>", pad_token="<eos>")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+                      bos_token_id=0, eos_token_id=1, pad_token_id=1,
+                      **({"attn_implementation": attn} if attn else {}))
+    model = LlamaForCausalLM(cfg).double().eval()
+    model.generation_config.eos_token_id = 1
+    return model, tok

@@ -74,7 +74,13 @@ def store_key(spec: LMEvalTaskSpec, leaf: str, loaded: dict[str, Any], taken: se
     e.g. a group's registry gsm8k beside the built-in gsm8k: their items must not mix)."""
     if len(loaded["tasks"]) == 1 and not loaded.get("groups"):
         return spec.key
-    return f"{spec.key}.{leaf}" if spec.alias or leaf in taken else leaf
+    return scoped(spec, leaf, taken)
+
+
+def scoped(spec: LMEvalTaskSpec, name: str, taken: set[str]) -> str:
+    """A name inside an entry (a group's subtask or the group itself): prefixed with the entry's key under
+    an alias or when another entry of the study has that name."""
+    return f"{spec.key}.{name}" if spec.alias or name in taken else name
 
 
 def select(task: Any, spec: LMEvalTaskSpec, mode: LimitMode, seed: int) -> list[int]:
@@ -291,7 +297,7 @@ def evaluate_entry(ctx: Any, lazy: Any, spec: LMEvalTaskSpec, progress: Any, mod
     for gname, group in (loaded.get("groups") or {}).items():  # lm-eval's own group aggregate
         # stored like a leaf: under the entry's key when aliased or when another entry has the name
         # (a group `mmlu` beside the built-in mmlu must not overwrite eval.mmlu.acc)
-        gkey = spec.key if gname == spec.lmeval and spec.alias else store_key(spec, gname, {"tasks": {}, "groups": 1}, taken)
+        gkey = spec.key if gname == spec.lmeval and spec.alias else scoped(spec, gname, taken)
         res = group.aggregate(leaf_metrics)
         with ctx.store.tx():
             for name, v in res.items():
