@@ -160,12 +160,12 @@ def run_lmeval(a: argparse.Namespace) -> dict:
 def run_quantstudy(a: argparse.Namespace) -> dict:
     from rich.console import Console
 
-    import quantstudy.evaluate as ev
+    import quantstudy.stages.evaluate as ev
     from quantstudy.config import parse_config
-    from quantstudy.context import RunContext
+    from quantstudy.runtime.context import RunContext
     from quantstudy.store import ModelRecord, Store
 
-    from quantstudy import generation
+    from quantstudy.scoring import generation
 
     task = quantstudy_task(a.task)
     ev.get_task = lambda name: task  # the stage's arc_easy is the test split; the reference set is dev
@@ -201,8 +201,8 @@ def task_tokens(a: argparse.Namespace) -> tuple[int, int]:
     comes close: it builds one tree per scoring call and copies a path when it cuts the tree)."""
     from transformers import AutoTokenizer
 
-    from quantstudy.fastscore import LMEvalTokens
-    from quantstudy.prefixtree import Trie
+    from quantstudy.scoring.fastscore import LMEvalTokens
+    from quantstudy.scoring.prefixtree import Trie
 
     enc, task = LMEvalTokens(AutoTokenizer.from_pretrained(a.model)), quantstudy_task(a.task)
     full, trie = 0, Trie()
@@ -234,7 +234,7 @@ def main() -> None:
                                       "load": [load0, os.getloadavg()[0]]}))
         return
     if a.model is None:
-        from quantstudy.models import materialize_builtin
+        from quantstudy.stages.resolve import materialize_builtin
 
         a.model = str(materialize_builtin("smollm2-135m-instruct", Path("/tmp/qs-model-cache")))
     gen = a.task in GENERATIVE

@@ -1,7 +1,7 @@
 """How much does caching only the baseline's top-k log-probs (plus one tail bucket) lose?
 
 For each variant, runs the baseline and the variant side by side on WikiText-2 windows
-(the same windows quantstudy.fidelity uses) and compares, per token, the full-vocabulary
+(the same windows quantstudy.stages.fidelity uses) and compares, per token, the full-vocabulary
 KL(baseline || variant) in float64 with the top-k + tail lower bound for several k.
 Optionally (--time-stage) times the product's fidelity stage at its default settings:
 the first variant (baseline pass + variant pass) and a second variant (cache hit).
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from quantstudy.fidelity import kl_full, kl_topk_tail, load_text, tokenize, topk_tail, window_logprobs, windows
+from quantstudy.stages.fidelity import kl_full, kl_topk_tail, load_text, tokenize, topk_tail, window_logprobs, windows
 
 
 def topk_error(baseline: str, variant: str, ids: np.ndarray, L: int, ks: list[int]) -> dict:
@@ -49,12 +49,12 @@ def topk_error(baseline: str, variant: str, ids: np.ndarray, L: int, ks: list[in
 
 
 def time_stage(baseline: str, variants: list[str], data_dir: Path | None, fcfg: Any = None) -> dict:
-    """Wall time of quantstudy.fidelity.fidelity_model (default: the config defaults)."""
+    """Wall time of quantstudy.stages.fidelity.fidelity_model (default: the config defaults)."""
     from rich.console import Console
 
     from quantstudy.config import FidelityConfig, ModelConfig, StudyConfig
-    from quantstudy.context import RunContext
-    from quantstudy.fidelity import fidelity_model
+    from quantstudy.runtime.context import RunContext
+    from quantstudy.stages.fidelity import fidelity_model
     from quantstudy.store import ModelRecord, Store
 
     tmp = Path(tempfile.mkdtemp(prefix="qs-fid-time-"))

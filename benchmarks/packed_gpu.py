@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from quantstudy.packed import PackedBackend, pack_layer
+from quantstudy.scoring.packed import PackedBackend, pack_layer
 
 QWEN3_4B = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
                 num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
@@ -69,7 +69,7 @@ def check_layer() -> None:
 
 
 def time_decode(model, batch: int, new_tokens: int, rounds: int) -> float:
-    from quantstudy.generation import generate_tokens
+    from quantstudy.scoring.generation import generate_tokens
 
     class Tok:  # generate_tokens needs only these
         eos_token_id, pad_token_id = -1, 0

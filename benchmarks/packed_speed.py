@@ -4,7 +4,7 @@
         [--prompts 8] [--max-new-tokens 64] [--batch 8] [--rounds 3] [--data ../shared/data]
 
 Every configuration is its own spawned process that loads only its model (so its peak RSS is its
-own) and they take turns, round by round, over the same ShareGPT prompts (quantstudy.interleave):
+own) and they take turns, round by round, over the same ShareGPT prompts (quantstudy.stages.interleave):
 a load change hits every configuration alike. The base runs dense in float32 and bf16; each
 W4A16 directory runs packed (torch int4 kernel, bf16 activations) and, for reference, as
 transformers decompresses it (dense float32, what the evaluation uses).
@@ -26,8 +26,8 @@ from types import SimpleNamespace
 
 from rich.console import Console
 
-from quantstudy.interleave import cores, interleave
-from quantstudy.measure import speed_prompts
+from quantstudy.stages.interleave import cores, interleave
+from quantstudy.stages.measure import speed_prompts
 
 MiB = 2 ** 20
 

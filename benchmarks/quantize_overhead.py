@@ -18,12 +18,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from quantstudy.calibration import build_calibration, tokenize
+from quantstudy.data.calibration import build_calibration, tokenize
 from quantstudy.config import parse_config
-from quantstudy.variants import expand_variants
-from quantstudy.models import load_pretrained, materialize_builtin, weights_size
-from quantstudy.quantize import build_recipe, cpu_awq_pin_memory_fix, run_oneshot
-from quantstudy.resources import track_peak_memory
+from quantstudy.config.variants import expand_variants
+from quantstudy.stages.resolve import load_pretrained, materialize_builtin, weights_size
+from quantstudy.stages.quantize import build_recipe, cpu_awq_pin_memory_fix, run_oneshot
+from quantstudy.runtime.resources import track_peak_memory
 
 
 def main() -> None:

@@ -38,10 +38,12 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from quantstudy import stats, train, train_data
+from quantstudy.report import stats
+from quantstudy.stages import train
+from quantstudy.data import train_data
 from quantstudy.config import TrainConfig
-from quantstudy.models import load_pretrained
-from quantstudy.resources import track_peak_memory
+from quantstudy.stages.resolve import load_pretrained
+from quantstudy.runtime.resources import track_peak_memory
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -122,7 +124,7 @@ def main() -> None:
     ap.add_argument("--one", choices=sorted(RECIPES), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if not (a.model / "config.json").is_file():
-        from quantstudy.models import materialize_builtin
+        from quantstudy.stages.resolve import materialize_builtin
 
         a.model = materialize_builtin("smollm2-135m-instruct", Path("/tmp/qs-model-cache"))
     console = Console(width=150)

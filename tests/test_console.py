@@ -16,7 +16,7 @@ import pytest
 import yaml
 from rich.console import Console
 
-from quantstudy import progress
+from quantstudy.runtime import progress
 from tests.tiny import make_tiny_model
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from quantstudy import stats
+from quantstudy.report import stats
 from quantstudy.config import parse_config
 from quantstudy.report import write_report
 from quantstudy.report.analysis import analyze

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from quantstudy import estimate
+from quantstudy.runtime import estimate
 from quantstudy.cli import app
 from tests.tiny import make_tiny_model
 

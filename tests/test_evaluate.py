@@ -15,9 +15,9 @@ import torch
 from rich.console import Console
 
 from quantstudy.config import TaskName, TaskSpec, parse_config
-from quantstudy.context import RunContext
-from quantstudy.evaluate import evaluate_model, make_scorer, select_items
-from quantstudy.scoring import GenRequest, LLRequest
+from quantstudy.runtime.context import RunContext
+from quantstudy.stages.evaluate import evaluate_model, make_scorer, select_items
+from quantstudy.scoring.protocol import GenRequest, LLRequest
 from quantstudy.store import ModelRecord, Store
 
 CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -158,7 +158,7 @@ def test_every_model_gets_the_same_items(tmp_path: Path, data_dir: Path, models:
 def test_lmeval_scorer_against_direct_computation(tmp_path: Path, data_dir: Path, models: list[Path]) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from quantstudy.lmeval_backend import LMEvalScorer
+    from quantstudy.scoring.lmeval_backend import LMEvalScorer
 
     model = AutoModelForCausalLM.from_pretrained(models[0]).eval()
     tok = AutoTokenizer.from_pretrained(models[0])

@@ -8,10 +8,10 @@ import torch
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
-from quantstudy import fastscore
-from quantstudy.fastscore import FastScorer
-from quantstudy.generation import generate_tokens
-from quantstudy.scoring import GenRequest, LLRequest
+from quantstudy.scoring import fastscore
+from quantstudy.scoring.fastscore import FastScorer
+from quantstudy.scoring.generation import generate_tokens
+from quantstudy.scoring.protocol import GenRequest, LLRequest
 from tests.tiny import bpe_llama
 
 CORPUS = ["Question: What is the capital of France?\nAnswer: Paris is the capital.",
@@ -171,7 +171,7 @@ def test_generate_matches_lm_eval_generate_until(tiny):
 
 
 def test_same_answers_as_the_lm_eval_scorer(tiny):
-    from quantstudy.lmeval_backend import LMEvalScorer
+    from quantstudy.scoring.lmeval_backend import LMEvalScorer
 
     model, tok = tiny
     ours, ref = FastScorer(model, tok, batch_size=4), LMEvalScorer(model, tok, batch_size=4)
@@ -229,7 +229,7 @@ def test_prefix_tree_shares_across_contexts_and_matches_full_sequences(tiny, mon
 
 
 def test_prefix_tree_pieces_hold_whole_paths_and_share_prefixes():
-    from quantstudy import prefixtree
+    from quantstudy.scoring import prefixtree
 
     g = torch.Generator().manual_seed(1)
     stem = torch.randint(0, 50, (40,), generator=g).tolist()

@@ -13,9 +13,9 @@ from rich.console import Console
 from scipy.special import rel_entr, softmax
 
 from quantstudy.config import FidelityConfig, ModelConfig, StudyConfig, parse_config
-from quantstudy.context import RunContext
+from quantstudy.runtime.context import RunContext
 from quantstudy.errors import QuantStudyError
-from quantstudy.fidelity import answer_metrics, fidelity_model, kl_topk_tail, topk_tail, windows
+from quantstudy.stages.fidelity import answer_metrics, fidelity_model, kl_topk_tail, topk_tail, windows
 from quantstudy.store import ItemRecord, ModelRecord, Store
 
 WORDS = ("the cat sat on a mat while seven quiet engineers measured how far the weights "

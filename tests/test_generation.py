@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantstudy import generation
-from quantstudy.generation import generate_continuous, shared_prefixes
+from quantstudy.scoring import generation
+from quantstudy.scoring.generation import generate_continuous, shared_prefixes
 from tests.tiny import bpe_llama
 
 CORPUS = ["Title: Normans\n\nBackground: The Normans were the people who gave their name to Normandy.",
@@ -48,7 +48,7 @@ def test_shared_prefixes_groups_adjacent_requests_by_common_prefix():
 
 
 def test_same_tokens_as_hf_generate_with_refills_and_shifts(tiny, monkeypatch):
-    from quantstudy.slotcache import SlotCache
+    from quantstudy.scoring.slotcache import SlotCache
 
     model, tok = tiny
     ps = prompts(tok)

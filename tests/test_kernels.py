@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from quantstudy import kernels
-from quantstudy.fastscore import FastScorer
+from quantstudy.scoring import kernels
+from quantstudy.scoring.fastscore import FastScorer
 
 needs_op = pytest.mark.skipif(kernels._onednn_op() is None, reason="this torch build has no oneDNN linear op")
 

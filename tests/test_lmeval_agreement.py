@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from quantstudy.config import TaskName
-from quantstudy.evaluate import build_prompts, score_prompts
+from quantstudy.stages.evaluate import build_prompts, score_prompts
 from quantstudy.tasks.arc import ArcTask
 
 pytestmark = pytest.mark.slow
@@ -62,12 +62,12 @@ def reference(tmp_path_factory: pytest.TempPathFactory, shared_data: Path, smoll
 @pytest.mark.parametrize("backend", ["fast", "lmeval"])
 def test_arc_easy_dev_agrees_with_lm_eval(reference: dict, shared_data: Path, smollm2_dir: Path,
                                           backend: str) -> None:
-    from quantstudy.lmeval_backend import LMEvalScorer
-    from quantstudy.models import load_pretrained
+    from quantstudy.scoring.lmeval_backend import LMEvalScorer
+    from quantstudy.stages.resolve import load_pretrained
 
     model, tok = load_pretrained(smollm2_dir, device="cpu", dtype="float32")
     if backend == "fast":
-        from quantstudy.fastscore import FastScorer
+        from quantstudy.scoring.fastscore import FastScorer
 
         scorer = FastScorer(model, tok, batch_size=16, device="cpu")
     else:

@@ -20,9 +20,9 @@ import pytest
 from rich.console import Console
 
 from quantstudy.config import LMEvalTaskSpec, parse_config
-from quantstudy.context import RunContext
+from quantstudy.runtime.context import RunContext
 from quantstudy.errors import QuantStudyError
-from quantstudy.evaluate import evaluate_model
+from quantstudy.stages.evaluate import evaluate_model
 from quantstudy.store import ModelRecord, Store
 from tests.test_evaluate import tiny_model
 

@@ -10,9 +10,9 @@ import pytest
 from rich.console import Console
 
 from quantstudy.config import parse_config
-from quantstudy.context import RunContext
-from quantstudy.measure import GenStat, measure_model, percentile, speed_prompts, summarize
-from quantstudy.models import weights_size
+from quantstudy.runtime.context import RunContext
+from quantstudy.stages.measure import GenStat, measure_model, percentile, speed_prompts, summarize
+from quantstudy.stages.resolve import weights_size
 from quantstudy.store import ModelRecord, Store
 from tests.tiny import make_tiny_model
 
@@ -135,7 +135,7 @@ def _side(rates: list[float], others: float, tokens: int = 20, rounds: int = 3) 
 
 
 def test_paired_ratio_recovers_a_known_speedup_and_refuses_a_busy_machine():
-    from quantstudy.interleave import cores, paired_ratio
+    from quantstudy.stages.interleave import cores, paired_ratio
 
     rng = np.random.default_rng(0)
     parent_rates = list(rng.uniform(10, 30, 8))
@@ -154,9 +154,9 @@ def test_paired_ratio_recovers_a_known_speedup_and_refuses_a_busy_machine():
 
 
 def _rtn(tmp_path: Path) -> tuple[Path, Path]:
-    from quantstudy.quantize import run_oneshot
-    from quantstudy.variants import expand_variants
-    from quantstudy.models import load_pretrained
+    from quantstudy.stages.quantize import run_oneshot
+    from quantstudy.config.variants import expand_variants
+    from quantstudy.stages.resolve import load_pretrained
 
     base = make_tiny_model(tmp_path / "base")
     cfg = parse_config({"name": "t", "model": {"source": str(base)}, "quantize": [{"method": "rtn", "group_size": 32}]})
@@ -215,7 +215,7 @@ def test_busy_machine_refuses_the_speedup(tmp_path):
     import subprocess
     import sys
 
-    from quantstudy.interleave import cores
+    from quantstudy.stages.interleave import cores
     from quantstudy.report.deploy import deploy_row
 
     burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores() + 1)]
@@ -235,7 +235,7 @@ def test_busy_machine_refuses_the_speedup(tmp_path):
 
 def test_root_sides_that_do_not_fit_together_run_one_after_the_other(tmp_path, monkeypatch):
     """bf16 + float32 of the root model loaded at once would not fit: float32 runs after bf16, labelled."""
-    from quantstudy import measure
+    from quantstudy.stages import measure
 
     model_dir = make_tiny_model(tmp_path / "tiny")
     prompts = ["the cat sat on a mat", "how many dogs ran past"]
@@ -250,7 +250,7 @@ def test_root_sides_that_do_not_fit_together_run_one_after_the_other(tmp_path, m
 
 
 def test_a_pairing_that_does_not_fit_is_one_clear_error(tmp_path, monkeypatch):
-    from quantstudy import measure
+    from quantstudy.stages import measure
     from quantstudy.errors import QuantStudyError
 
     base, q = _rtn(tmp_path)

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from quantstudy.errors import QuantStudyError
-from quantstudy.models import load_pretrained
-from quantstudy.packed import (PackedBackend, PackedLinear, inner_k_tiles, int4_values, load_packed, pack_cuda_input,
+from quantstudy.stages.resolve import load_pretrained
+from quantstudy.scoring.packed import (PackedBackend, PackedLinear, inner_k_tiles, int4_values, load_packed, pack_cuda_input,
                                pack_layer, why_dense, zero_points)
 from tests.tiny import make_tiny_model, text
 
@@ -107,8 +107,8 @@ def test_cuda_packing_layout_and_shape():
 def rtn_model(root: Path, sym: bool, group: int | None, intermediate: int = 128) -> Path:
     """A tiny random Llama quantized by llm-compressor RTN (no calibration: seconds)."""
     from quantstudy.config import parse_config
-    from quantstudy.quantize import run_oneshot
-    from quantstudy.variants import expand_variants
+    from quantstudy.stages.quantize import run_oneshot
+    from quantstudy.config.variants import expand_variants
 
     base = make_tiny_model(root / "base", hidden=64, intermediate=intermediate)
     cfg = parse_config({"name": "t", "model": {"source": str(base)},
@@ -174,10 +174,10 @@ def smol_quantized(smollm2_dir, shared_data, tmp_path_factory) -> dict[str, Path
 
     QS_PACKED_SMOL=DIR reuses models already made there as DIR/{gptq-w4g64, awq-w4g64, rtn-w4g64-asym}
     (AWQ takes ~6 min on 2 CPU cores)."""
-    from quantstudy.calibration import build_calibration, tokenize
+    from quantstudy.data.calibration import build_calibration, tokenize
     from quantstudy.config import parse_config
-    from quantstudy.quantize import run_oneshot
-    from quantstudy.variants import expand_variants
+    from quantstudy.stages.quantize import run_oneshot
+    from quantstudy.config.variants import expand_variants
 
     if os.environ.get("QS_PACKED_SMOL"):
         d = Path(os.environ["QS_PACKED_SMOL"])

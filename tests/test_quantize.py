@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from quantstudy.config import parse_config
-from quantstudy.variants import expand_variants
+from quantstudy.config.variants import expand_variants
 from quantstudy.errors import QuantStudyError
-from quantstudy.models import load_pretrained
-from quantstudy.quantize import check_group_size, linear_shapes, run_oneshot
+from quantstudy.stages.resolve import load_pretrained
+from quantstudy.stages.quantize import check_group_size, linear_shapes, run_oneshot
 from tests.tiny import make_tiny_model, text
 
 

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from quantstudy.calibration import build_calibration, tokenize
+from quantstudy.data.calibration import build_calibration, tokenize
 from quantstudy.config import parse_config
-from quantstudy.variants import expand_variants
-from quantstudy.models import load_pretrained
-from quantstudy.quantize import check_group_size, linear_shapes, run_oneshot
+from quantstudy.config.variants import expand_variants
+from quantstudy.stages.resolve import load_pretrained
+from quantstudy.stages.quantize import check_group_size, linear_shapes, run_oneshot
 
 pytestmark = pytest.mark.slow
 

@@ -16,13 +16,13 @@ import torch
 import yaml
 from rich.console import Console
 
-from quantstudy import chat
-from quantstudy.calibration import render as calib_render
+from quantstudy.data import chat
+from quantstudy.data.calibration import render as calib_render
 from quantstudy.config import parse_config
 from quantstudy.errors import QuantStudyError
-from quantstudy.models import load_pretrained, resolve_source
-from quantstudy.quantize import LayerReport, run_oneshot
-from quantstudy.sources import Conversation
+from quantstudy.stages.resolve import load_pretrained, resolve_source
+from quantstudy.stages.quantize import LayerReport, run_oneshot
+from quantstudy.data.sources import Conversation
 from tests.test_quantize import calib_dataset, levels_per_group, variant
 from tests.tiny_qwen3 import QWEN3_VOCAB, ScriptedReasoning, make_tiny_qwen3
 
@@ -44,9 +44,9 @@ def qwen3_moe(tmp_path_factory) -> Path:
 def test_enable_thinking_reaches_every_renderer(qwen3):
     from transformers import AutoTokenizer
 
-    from quantstudy import measure
-    from quantstudy.evaluate import chat_fn
-    from quantstudy.train_data import as_records
+    from quantstudy.stages import measure
+    from quantstudy.stages.evaluate import chat_fn
+    from quantstudy.data.train_data import as_records
 
     tok = AutoTokenizer.from_pretrained(qwen3)
     head = "<|im_start|>user\nWhat is 3 plus 4?<|im_end|>\n<|im_start|>assistant\n"
@@ -66,7 +66,7 @@ def test_enable_thinking_reaches_every_renderer(qwen3):
 
 
 def test_chat_template_kwargs_config_and_prompt_hash(qwen3):
-    from quantstudy.evaluate import Prompt
+    from quantstudy.stages.evaluate import Prompt
     from quantstudy.tasks import Item
 
     cfg = parse_config({"name": "t", "model": {"source": "x/y", "chat_template_kwargs": {"enable_thinking": False}},
@@ -122,17 +122,17 @@ def test_reasoning_token_count_matches_tokenizer(qwen3):
 
 @pytest.mark.parametrize("backend", ["fast", "lmeval"])
 def test_generation_reads_the_answer_after_scripted_reasoning(qwen3, backend):
-    from quantstudy.evaluate import score_prompts, Prompt
+    from quantstudy.stages.evaluate import score_prompts, Prompt
     from quantstudy.tasks import Item, get_task
 
     model, tok = load_pretrained(qwen3)
     hook = ScriptedReasoning(tok).attach(model)
     if backend == "fast":
-        from quantstudy.fastscore import FastScorer
+        from quantstudy.scoring.fastscore import FastScorer
 
         scorer = FastScorer(model, tok, batch_size=1)
     else:
-        from quantstudy.lmeval_backend import LMEvalScorer
+        from quantstudy.scoring.lmeval_backend import LMEvalScorer
 
         scorer = LMEvalScorer(model, tok, batch_size=1)
     task = get_task("gsm8k")
@@ -220,11 +220,11 @@ def test_awq_stage_records_mappings_and_calibrates_with_template_kwargs(qwen3, t
 
     from transformers import AutoTokenizer
 
-    from quantstudy.context import RunContext
-    from quantstudy.quantize import quantize_model
-    from quantstudy.sources import load_conversations
+    from quantstudy.runtime.context import RunContext
+    from quantstudy.stages.quantize import quantize_model
+    from quantstudy.data.sources import load_conversations
     from quantstudy.store import ModelRecord, Store
-    from quantstudy.variants import expand_variants
+    from quantstudy.config.variants import expand_variants
 
     from tests.tiny import text
 
@@ -279,9 +279,9 @@ def test_qwen3_moe_experts_quantize(qwen3_moe, tmp_path, method):
 
 
 def test_qwen3_fast_scorer_agrees_with_lmeval(qwen3):
-    from quantstudy.fastscore import FastScorer
-    from quantstudy.lmeval_backend import LMEvalScorer
-    from quantstudy.scoring import GenRequest, LLRequest
+    from quantstudy.scoring.fastscore import FastScorer
+    from quantstudy.scoring.lmeval_backend import LMEvalScorer
+    from quantstudy.scoring.protocol import GenRequest, LLRequest
 
     model, tok = load_pretrained(qwen3)
     ctxs = [chat.render(tok, [{"role": "user", "content": f"the cat sat on {w}"}], {"enable_thinking": False})
@@ -297,8 +297,8 @@ def test_qwen3_fast_scorer_agrees_with_lmeval(qwen3):
 
 
 def test_qwen3_lora_trains_and_merges(qwen3, tmp_path):
-    from quantstudy import train
-    from quantstudy.context import RunContext
+    from quantstudy.stages import train
+    from quantstudy.runtime.context import RunContext
     from quantstudy.store import ModelRecord, Store
     from tests.test_train import PAIRS, completion_nll, conv
 
@@ -323,8 +323,8 @@ def test_qwen3_lora_trains_and_merges(qwen3, tmp_path):
 
 def test_qwen3_fidelity_matches_full_vocabulary_reference(qwen3, tmp_path):
     from quantstudy.config import FidelityConfig, ModelConfig, StudyConfig
-    from quantstudy.context import RunContext
-    from quantstudy.fidelity import fidelity_model
+    from quantstudy.runtime.context import RunContext
+    from quantstudy.stages.fidelity import fidelity_model
     from quantstudy.store import ModelRecord, Store
     from tests.tiny import text
 
@@ -360,10 +360,10 @@ PEAK = textwrap.dedent("""
     import json, sys
     from pathlib import Path
     sys.path.insert(0, {root!r})
-    import quantstudy.fidelity as fid
+    import quantstudy.stages.fidelity as fid
     from rich.console import Console
     from quantstudy.config import FidelityConfig, ModelConfig, StudyConfig
-    from quantstudy.context import RunContext
+    from quantstudy.runtime.context import RunContext
     from quantstudy.store import ModelRecord, Store
     if {floats} is not None:
         fid.HEAD_FLOATS = {floats}
@@ -394,7 +394,7 @@ def _fidelity_peak(model: Path, tmp: Path, text: Path, floats: int | None) -> di
 
 
 def test_fidelity_log_probs_come_in_bounded_chunks_at_qwen3_vocabulary(tmp_path, monkeypatch):
-    import quantstudy.fidelity as fid
+    import quantstudy.stages.fidelity as fid
     from tests.tiny import text
 
     d = make_tiny_qwen3(tmp_path / "big", hidden=32, layers=1, vocab_size=QWEN3_VOCAB)
@@ -438,7 +438,7 @@ def test_thinking_on_vs_off_in_one_study(qwen3, tmp_path, monkeypatch, shared_da
     (and, for some prompts, reasoning that runs into the token cap); the rest is the real stage."""
     from typer.testing import CliRunner
 
-    import quantstudy.models as models
+    import quantstudy.stages.resolve as models
     from quantstudy.cli import app
     from quantstudy.store import Store
 

@@ -191,7 +191,7 @@ def test_bad_input_errors(tmp_path: Path, store: Store) -> None:
 
 def test_bootstrap_p_floor_warning(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     # 500 resamples: p >= 1/501, and 48 comparisons * 1/501 > 0.05, so no bootstrap test can win after Holm
-    from quantstudy import stats
+    from quantstudy.report import stats
 
     monkeypatch.setattr(stats, "BOOT_RESAMPLES", 500)
     a = analyze(store)
@@ -273,7 +273,7 @@ def test_tie_names_the_range_of_n() -> None:
                                                         "alpha = 0.05 after Holm)"
     assert _pair_text([C(40)], "a", "b") == "inconclusive at this n (n = 40, alpha = 0.05 after Holm)"
     # with the study's margin: the items that would show the two within it (6 of 40 discordant, 1 point)
-    from quantstudy import stats
+    from quantstudy.report import stats
     from quantstudy.report.items import Kind
 
     c = C(40)

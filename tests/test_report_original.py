@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from statsmodels.stats.contingency_tables import mcnemar
 
-from quantstudy import stats
+from quantstudy.report import stats
 from quantstudy.report import write_report
 from quantstudy.report.analysis import PairKind, analyze
 from quantstudy.report.recommend import recommendations

@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from quantstudy import kernels
+from quantstudy.scoring import kernels
 from quantstudy.config import load_config, parse_config
 from quantstudy.errors import QuantStudyError
-from quantstudy.fastscore import FastScorer
-from quantstudy.models import load_pretrained
-from quantstudy.quantize import check_group_size, linear_shapes, run_oneshot
-from quantstudy.schemes import activation_handling, bits_per_weight, prepare_loaded
+from quantstudy.scoring.fastscore import FastScorer
+from quantstudy.stages.resolve import load_pretrained
+from quantstudy.stages.quantize import check_group_size, linear_shapes, run_oneshot
+from quantstudy.config.schemes import activation_handling, bits_per_weight, prepare_loaded
 from quantstudy.study import key_of
-from quantstudy.variants import expand_variants
+from quantstudy.config.variants import expand_variants
 from tests.tiny import make_tiny_model, text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -210,7 +210,7 @@ def test_autoround_records_its_per_block_loss(tiny96, tmp_path):
     GPTQ's per-layer error. torch.compile stays off on a CPU (compiling costs more than it saves)."""
     v = expand_variants(cfg({"method": "autoround", "scheme": "W4A16", "group_size": 32,
                              "autoround": {"iters": 3, "batch_size": 4}}))[0]
-    from quantstudy.quantize import autoround_compile
+    from quantstudy.stages.quantize import autoround_compile
 
     assert autoround_compile(v) is torch.cuda.is_available()
     _, _, rows = quantize(tiny96, tmp_path / "ar", {"method": "autoround", "scheme": "W4A16", "group_size": 32,
@@ -262,7 +262,7 @@ def test_autoround_options_key_only_autoround_variants():
 def test_a_group_size_applies_to_the_schemes_of_a_list_that_take_one():
     """`scheme: [W4A16, W8A8]` with `group_size: 64`: W4A16 gets groups of 64, W8A8 keeps its per-channel
     layout; a group size on a fixed-layout scheme alone is still refused with the fix."""
-    from quantstudy.variants import expand_variants
+    from quantstudy.config.variants import expand_variants
 
     cfg = parse_config({"name": "t", "model": {"source": "x"},
                         "quantize": [{"method": "gptq", "scheme": ["W4A16", "W8A8"], "group_size": 64}]})

@@ -1,4 +1,4 @@
-"""quantstudy.stats against statsmodels/scipy and float64 hand computations."""
+"""quantstudy.report.stats against statsmodels/scipy and float64 hand computations."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.power import NormalIndPower
 from statsmodels.stats.proportion import proportion_confint, proportion_effectsize
 
-from quantstudy import stats
+from quantstudy.report import stats
 
 
 @pytest.mark.parametrize("k,n", [(0, 10), (3, 10), (10, 10), (25, 50), (28, 50), (1, 1), (137, 570)])

@@ -64,7 +64,7 @@ def test_quantize_then_everything_cached(study):
 
 
 def test_second_process_is_refused_while_locked(study):
-    from quantstudy.lock import study_lock
+    from quantstudy.runtime.lock import study_lock
 
     out_dir = study.parent / "out"
     out_dir.mkdir(exist_ok=True)

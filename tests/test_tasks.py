@@ -18,7 +18,7 @@ import pytest
 
 from quantstudy.config import TaskName
 from quantstudy.errors import QuantStudyError
-from quantstudy.scoring import LLResult, RollingResult
+from quantstudy.scoring.protocol import LLResult, RollingResult
 from quantstudy.tasks import TASKS, build_context, continuation_prefix, get_task, pick_fewshot
 from quantstudy.tasks.gsm8k import extract, matches
 from quantstudy.tasks.openmath import final_answer, same_answer
@@ -195,7 +195,7 @@ def test_squad_prompt_matches_lmeval_and_splits(shared_data: Path) -> None:
         hf = {**it.doc, "answers": {"text": it.doc["answers"], "answer_start": [0] * len(it.doc["answers"])}}
         assert build_context(ours, it.doc, [], None) == SQuAD2.doc_to_text(None, hf)
         assert ours.doc_to_target(it.doc) == SQuAD2.doc_to_target(None, hf)
-    from quantstudy.scoring import GenResult
+    from quantstudy.scoring.protocol import GenResult
 
     recs = [ours.score_generation(items[0], GenResult(" France", 1, False, 0.1)),  # gold "France": EM 1
             ours.score_generation(items[0], GenResult(" in France", 2, False, 0.1)),  # F1 2/3

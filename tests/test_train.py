@@ -11,11 +11,12 @@ import pytest
 import torch
 from rich.console import Console
 
-from quantstudy import train, train_data, train_head
+from quantstudy.stages import train, train_head
+from quantstudy.data import train_data
 from quantstudy.config import TrainConfig, parse_config
-from quantstudy.context import RunContext
+from quantstudy.runtime.context import RunContext
 from quantstudy.errors import QuantStudyError
-from quantstudy.sources import Conversation
+from quantstudy.data.sources import Conversation
 from quantstudy.store import ModelRecord, Store
 
 CHATML = ("{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n'}}{% endfor %}"
@@ -435,7 +436,7 @@ def test_user_file_with_an_evaluated_question_names_it(shared_data, tmp_path):
 def test_smollm2_lora_trains_merges_and_evaluates(smollm2_dir, shared_data, tmp_path):
     """LoRA SFT of SmolLM2-135M on 32 OpenMathInstruct-2 samples (4 steps); the merged model
     reloads and its completion perplexity on 16 held-out rows stays finite and does not degrade."""
-    from quantstudy.models import load_pretrained
+    from quantstudy.stages.resolve import load_pretrained
 
     cfg = parse_config({"name": "t", "model": {"source": str(smollm2_dir)}, "evaluate": None,
                         "train": {"samples": 32, "max_steps": 4}})

@@ -6,7 +6,7 @@ import pytest
 import torch
 from trl.kernels.chunked_logprob import ChunkedLogProbFunction
 
-from quantstudy.train_head import dense_logprobs, head_on_labelled_positions
+from quantstudy.stages.train_head import dense_logprobs, head_on_labelled_positions
 
 OUTPUTS = ("log_probs", "entropy", "is_top1")
 

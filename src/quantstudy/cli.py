@@ -59,10 +59,10 @@ def friendly_errors(debug: bool) -> Iterator[None]:
 def open_study(config: Path, data_dir: Optional[Path], debug: bool, lock: bool = True,
                verbose: bool = False, planning: bool = False) -> Iterator[object]:
     from quantstudy.config import load_config, study_dir
-    from quantstudy.context import RunContext
-    from quantstudy.environment import resolve_device
-    from quantstudy.lock import study_lock
-    from quantstudy.logs import Output
+    from quantstudy.runtime.context import RunContext
+    from quantstudy.runtime.environment import resolve_device
+    from quantstudy.runtime.lock import study_lock
+    from quantstudy.runtime.logs import Output
     from quantstudy.store import Store
 
     out = Output(verbose)  # before anything loads a library: it takes over loguru's console sink
@@ -99,11 +99,11 @@ def plan(config: Path, data_dir: Optional[Path] = DataDir, debug: bool = Debug,
                                                      "task from a stated share of items the variant answers differently")
          ) -> None:
     """Print the expanded plan (variants, cached stages, what will run) without running anything."""
-    from quantstudy import estimate
+    from quantstudy.runtime import estimate
     from quantstudy.study import plan as make_plan
 
     with friendly_errors(debug), open_study(config, data_dir, debug, lock=False, planning=True) as ctx:
-        from quantstudy.variants import expand_variants
+        from quantstudy.config.variants import expand_variants
 
         vt = Table("variant", "method", "calibration", title=f"{ctx.cfg.name}: variants")
         for v in expand_variants(ctx.cfg):
@@ -122,7 +122,7 @@ def plan(config: Path, data_dir: Optional[Path] = DataDir, debug: bool = Debug,
         console.print(f"estimated run time: {estimate.rough(sum(secs))} for {sum(not s.cached for s in steps)} stage(s); "
                       f"model {params / 1e6:.0f}M parameters ({how}); {estimate.NOTE}", highlight=False)
         console.print(f"study directory: {ctx.study_dir}; device: {ctx.device}; data: {ctx.data_id}")
-        from quantstudy.models import hub_needs
+        from quantstudy.stages.resolve import hub_needs
 
         needs = hub_needs(ctx.cfg.model.source, ctx.cfg.model.revision, ctx.config_dir, ctx.data_dir)
         if needs:  # plan works offline; say what `run` will need the hub for, before it gets there
@@ -191,7 +191,7 @@ def parse_formats(fmt: str) -> set[str]:
 
 
 def run_stages(ctx: object, stages: set[str], only_model: str | None = None) -> list[object]:
-    from quantstudy import environment
+    from quantstudy.runtime import environment
     from quantstudy.study import execute, plan as make_plan
 
     environment.record(ctx)
@@ -210,7 +210,7 @@ def run_stages(ctx: object, stages: set[str], only_model: str | None = None) -> 
 
 def summary(ctx: object, steps: list[object], seconds: float) -> None:
     """One closing line: each finished stage already printed its time and headline."""
-    from quantstudy.progress import clock
+    from quantstudy.runtime.progress import clock
 
     ran = sum(s.seconds is not None for s in steps)
     ctx.console.print(f"{ran} stage(s) ran, {sum(s.cached for s in steps)} cached; {clock(seconds)} in all; "

@@ -16,14 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from quantstudy import environment
-from quantstudy.calibration import check_held_out
+from quantstudy.runtime import environment
+from quantstudy.data.calibration import check_held_out
 from quantstudy.config import LMEvalTaskSpec
-from quantstudy.context import RunContext
-from quantstudy.models import (SourceKind, check_model_dir, classify, file_sha256, builtin_gguf,
+from quantstudy.runtime.context import RunContext
+from quantstudy.stages.resolve import (SourceKind, check_model_dir, classify, file_sha256, builtin_gguf,
                                resolve_source, weights_hash, weights_size)
 from quantstudy.store import ModelRecord
-from quantstudy.variants import Variant, expand_variants
+from quantstudy.config.variants import Variant, expand_variants
 
 BASE, TRAINED = "base", "trained"
 
@@ -146,7 +146,7 @@ def run_step(ctx: RunContext, step: Step) -> None:
         _replace_model(ctx, rec, step.key)
         artifact = str(path)
     elif step.stage == "train":
-        from quantstudy.train import train_model
+        from quantstudy.stages.train import train_model
 
         rec = train_model(ctx, _model(ctx, step.parents[0]), models_dir / TRAINED)
         rec.name, rec.size_bytes = TRAINED, weights_size(Path(rec.path))
@@ -154,8 +154,8 @@ def run_step(ctx: RunContext, step: Step) -> None:
         _replace_model(ctx, rec, step.key)
         artifact = rec.path
     elif step.stage == "quantize":
-        from quantstudy.progress import calibration_progress
-        from quantstudy.quantize import quantize_model
+        from quantstudy.runtime.progress import calibration_progress
+        from quantstudy.stages.quantize import quantize_model
 
         v, parent = variant_of(ctx, step.model), _model(ctx, step.parents[0])
         bar = (calibration_progress(ctx.console, f"{step.model} · calibrated layers", _layers(parent))
@@ -165,15 +165,15 @@ def run_step(ctx: RunContext, step: Step) -> None:
         _replace_model(ctx, rec, step.key)
         artifact = rec.path
     elif step.stage == "evaluate":
-        from quantstudy.evaluate import evaluate_model
+        from quantstudy.stages.evaluate import evaluate_model
 
         evaluate_model(ctx, _model(ctx, step.model))
     elif step.stage == "measure":
-        from quantstudy.measure import measure_model
+        from quantstudy.stages.measure import measure_model
 
         measure_model(ctx, _model(ctx, step.model), _model(ctx, step.parents[0]) if step.parents else None)
     elif step.stage == "fidelity":
-        from quantstudy.fidelity import fidelity_model
+        from quantstudy.stages.fidelity import fidelity_model
 
         fidelity_model(ctx, _model(ctx, step.model), _model(ctx, step.parents[0]))
     step.seconds = time.perf_counter() - t0
@@ -215,7 +215,7 @@ def run_study(ctx: RunContext, formats: set[str] | None = None) -> list[Step]:
 def execute(ctx: RunContext, steps: list[Step], wanted: Callable[[Step], bool] = lambda s: True) -> None:
     """Run the wanted stages not yet done, in order: each with its library output in its own log file,
     a start line, progress, and a finish line with its time and headline result."""
-    from quantstudy.progress import Heartbeat, clock, headline
+    from quantstudy.runtime.progress import Heartbeat, clock, headline
 
     out, con = ctx.output, ctx.console
     chosen = [s for s in steps if wanted(s)]

@@ -22,7 +22,7 @@ from quantstudy.report.document import Document
 from quantstudy.report.jsonout import results
 from quantstudy.report.recommend import RankRow, Recommendation
 from quantstudy.store import Store
-from quantstudy.faults import failpoint
+from quantstudy.runtime.faults import failpoint
 
 FORMATS = ("md", "html", "json")
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from quantstudy import stats
+from quantstudy.report import stats
 from quantstudy.errors import QuantStudyError
 from quantstudy.config import DecisionConfig
 from quantstudy.report import decide, deploy, items

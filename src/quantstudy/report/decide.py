@@ -29,9 +29,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from pydantic import ValidationError
 
-from quantstudy import stats
+from quantstudy.report import stats
 from quantstudy.config import DecisionConfig, MarginKind, TaskName
-from quantstudy.estimate import FULL_ITEMS
+from quantstudy.runtime.estimate import FULL_ITEMS
 from quantstudy.report.items import Column, Kind, Metric
 
 if TYPE_CHECKING:
@@ -181,7 +181,7 @@ def needed_text(r: NonInferiority) -> str:
 def plan_rows(cfg: StudyConfig, pilot: Path | None, discordance: float | None) -> tuple[list[list[str]], str]:
     """`quantstudy plan`: per deciding task, the items needed to show non-inferiority, from a pilot study's
     store (the largest discordance over its variants: conservative) or a stated discordance rate."""
-    from quantstudy.variants import expand_variants
+    from quantstudy.config.variants import expand_variants
 
     dc, specs = cfg.decision, (cfg.evaluate.task_specs() if cfg.evaluate else [])
     # the candidates the report will split alpha over: every variant, and its trained copy when the study trains

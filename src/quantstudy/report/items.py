@@ -17,7 +17,7 @@ from enum import Enum
 
 import numpy as np
 
-from quantstudy import stats
+from quantstudy.report import stats
 from quantstudy.store import ItemRecord, Store
 
 

@@ -7,7 +7,7 @@ import math
 from enum import Enum
 from typing import Any
 
-from quantstudy import stats
+from quantstudy.report import stats
 from quantstudy.report.analysis import Analysis
 from quantstudy.report.recommend import RankRow, Recommendation
 

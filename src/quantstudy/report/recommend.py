@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from quantstudy import stats
+from quantstudy.report import stats
 from quantstudy.report import decide
 from quantstudy.report.analysis import Analysis, PairKind
 from quantstudy.report.items import Comparison, Kind

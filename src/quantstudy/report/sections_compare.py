@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from quantstudy import stats
+from quantstudy.report import stats
 from quantstudy.report import cells
 from quantstudy.report import document as d
 from quantstudy.report.analysis import Analysis, Pair, PairKind

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from quantstudy import stats
+from quantstudy.report import stats
 from quantstudy.report import decide
 from quantstudy.report import document as d
 from quantstudy.report.analysis import Analysis, ModelInfo, PairKind
@@ -198,7 +198,7 @@ def models_table(doc: Document, a: Analysis) -> None:
 _SCHEMES_NOTE = (" Bits/weight: the saved quantized layers' bytes (packed weights, scales, zero points, global scales) "
                  "x 8 / their weights; the file size also holds the unquantized embeddings, norms and lm_head. "
                  "'evaluated with': what the loaded model did to its Linear inputs while scored, read off its modules; "
-                 "activation-quantized and FP4 schemes run emulated in float32 on a CPU (quantstudy.schemes).")
+                 "activation-quantized and FP4 schemes run emulated in float32 on a CPU (quantstudy.config.schemes).")
 
 
 def _activations_note(m: ModelInfo) -> str:

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from quantstudy.config import TaskName
 from quantstudy.errors import QuantStudyError
-from quantstudy.scoring import GenResult, LLResult, RollingResult
+from quantstudy.scoring.protocol import GenResult, LLResult, RollingResult
 from quantstudy.store import ItemRecord
 
 Doc = dict[str, Any]

@@ -18,7 +18,7 @@ from lm_eval.api.metrics import exact_match_hf_evaluate
 from lm_eval.filters.extraction import RegexFilter
 
 from quantstudy.config import TaskName
-from quantstudy.scoring import GenResult
+from quantstudy.scoring.protocol import GenResult
 from quantstudy.store import ItemRecord
 from quantstudy.tasks.base import Doc, Item, Kind, Task, hub_rows, need_file, read_jsonl
 

@@ -30,11 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from quantstudy import store as st
-from quantstudy.chat import Think, kwargs_tag, merged_kwargs, render
+from quantstudy.data.chat import Think, kwargs_tag, merged_kwargs, render
 from quantstudy.config import LimitMode, LMEvalTaskSpec
 from quantstudy.errors import QuantStudyError
-from quantstudy.faults import failpoint
-from quantstudy.scoring import GenRequest, LLRequest, Scorer
+from quantstudy.runtime.faults import failpoint
+from quantstudy.scoring.protocol import GenRequest, LLRequest, Scorer
 from quantstudy.tasks.base import sha
 from quantstudy.tasks.lmeval_load import hub_reachable, offline_fix, resolve, task_manager
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from lm_eval.tasks.hendrycks_math.utils import is_equiv, last_boxed_only_string, remove_boxed
 
 from quantstudy.config import TaskName
-from quantstudy.scoring import GenResult
+from quantstudy.scoring.protocol import GenResult
 from quantstudy.store import ItemRecord
 from quantstudy.tasks.base import Doc, Item, Kind, Task, bad_format, hub_rows, need_file
 

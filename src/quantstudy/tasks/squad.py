@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from quantstudy.config import TaskName
-from quantstudy.scoring import GenResult
+from quantstudy.scoring.protocol import GenResult
 from quantstudy.store import ItemRecord
 from quantstudy.tasks.base import Doc, Item, Kind, Task, bad_format, hub_rows, need_file
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from lm_eval.tasks.wikitext.preprocess_wikitext import wikitext_detokenizer
 
 from quantstudy.config import TaskName
-from quantstudy.scoring import RollingResult
+from quantstudy.scoring.protocol import RollingResult
 from quantstudy.store import ItemRecord
 from quantstudy.tasks.base import Doc, Item, Kind, Task, bad_format, hub_rows, need_file
 

@@ -17,14 +17,14 @@ from typing import Any
 
 from quantstudy import store as st
 from quantstudy.config import EvalBackend, LimitMode, TaskSpec
-from quantstudy.context import RunContext
+from quantstudy.runtime.context import RunContext
 from quantstudy.errors import QuantStudyError
-from quantstudy.scoring import GenRequest, LLRequest, Scorer
+from quantstudy.scoring.protocol import GenRequest, LLRequest, Scorer
 from quantstudy.tasks import Item, Kind, Task, build_context, continuation_prefix, get_task, pick_fewshot
-from quantstudy.chat import Think, kwargs_tag, merged_kwargs, render
+from quantstudy.data.chat import Think, kwargs_tag, merged_kwargs, render
 from quantstudy.tasks.base import ChatFn, sha
-from quantstudy.faults import failpoint
-from quantstudy.progress import make_progress
+from quantstudy.runtime.faults import failpoint
+from quantstudy.runtime.progress import make_progress
 
 
 @dataclass(frozen=True)
@@ -42,12 +42,12 @@ def make_scorer(ctx: RunContext, model: Any, tokenizer: Any) -> Scorer:
     bs = ctx.cfg.evaluate.batch_size if ctx.cfg.evaluate else 16
     if ctx.cfg.evaluate is None or ctx.cfg.evaluate.backend is EvalBackend.fast:
         try:
-            from quantstudy.fastscore import FastScorer
+            from quantstudy.scoring.fastscore import FastScorer
         except ImportError:
-            ctx.console.print("[yellow]note:[/] quantstudy.fastscore is not available; scoring with lm-eval's HFLM")
+            ctx.console.print("[yellow]note:[/] quantstudy.scoring.fastscore is not available; scoring with lm-eval's HFLM")
         else:
             return FastScorer(model, tokenizer, batch_size=bs, device=ctx.device)
-    from quantstudy.lmeval_backend import LMEvalScorer
+    from quantstudy.scoring.lmeval_backend import LMEvalScorer
 
     return LMEvalScorer(model, tokenizer, batch_size=bs, device=ctx.device)
 
@@ -174,12 +174,12 @@ class _Model:
 
     def scorer(self) -> Scorer:
         if self._scorer is None:
-            from quantstudy.models import load_pretrained
+            from quantstudy.stages.resolve import load_pretrained
 
             cfg = self.ctx.cfg.model
             model, self._tok = load_pretrained(Path(self.rec.path), device=self.ctx.device, dtype=cfg.dtype.value,
                                                trust_remote_code=cfg.trust_remote_code)
-            from quantstudy.schemes import prepare_loaded
+            from quantstudy.config.schemes import prepare_loaded
 
             # what the scored model does to its activations, read off the loaded modules (#22)
             handling = prepare_loaded(model)

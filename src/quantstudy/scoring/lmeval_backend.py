@@ -17,8 +17,8 @@ from typing import Any
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
-from quantstudy.chat import cut_at_stops, reasoning_token_count, split_reasoning
-from quantstudy.scoring import GenRequest, GenResult, LLRequest, LLResult, RollingResult
+from quantstudy.data.chat import cut_at_stops, reasoning_token_count, split_reasoning
+from quantstudy.scoring.protocol import GenRequest, GenResult, LLRequest, LLResult, RollingResult
 
 
 class _RecordingHFLM(HFLM):

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from quantstudy.config import Method
-from quantstudy.variants import Variant
+from quantstudy.config.variants import Variant
 from quantstudy.errors import QuantStudyError
-from quantstudy.faults import failpoint
+from quantstudy.runtime.faults import failpoint
 
 GROUP_SIZES = (32, 64, 128)
 
@@ -77,7 +77,7 @@ def autoround_compile(v: Variant) -> bool:
 
 
 def build_recipe(v: Variant) -> list[Any]:
-    from quantstudy.schemes import quantization_scheme
+    from quantstudy.config.schemes import quantization_scheme
 
     actorder = v.gptq.actorder if v.method == Method.gptq and v.group_size else None
     scheme = quantization_scheme(v.scheme, v.bits, v.group_size, v.symmetric, actorder)
@@ -235,9 +235,9 @@ def run_oneshot(model: Any, tokenizer: Any, v: Variant, dataset: Any | None, max
 
 def quantize_model(ctx: Any, v: Variant, parent: Any, name: str, out_dir: Path) -> Any:
     """Stage entry: quantize `parent` (a ModelRecord) with variant `v` into `out_dir`."""
-    from quantstudy.calibration import build_calibration, tokenize
-    from quantstudy.models import load_pretrained, weights_hash, weights_size
-    from quantstudy.resources import track_peak_memory
+    from quantstudy.data.calibration import build_calibration, tokenize
+    from quantstudy.stages.resolve import load_pretrained, weights_hash, weights_size
+    from quantstudy.runtime.resources import track_peak_memory
     from quantstudy.store import ModelRecord
 
     trust = ctx.cfg.model.trust_remote_code
@@ -248,7 +248,7 @@ def quantize_model(ctx: Any, v: Variant, parent: Any, name: str, out_dir: Path) 
         if v.calibration is not None:
             train_pool = None
             if v.calibration.source.value == "train":
-                from quantstudy.train import plan_samples
+                from quantstudy.stages.train import plan_samples
 
                 train_pool = plan_samples(ctx)[0]  # the exact samples the model was trained on
             calib = build_calibration(v.calibration, tok, ctx.data_dir, ctx.config_dir, train_pool,
@@ -275,7 +275,7 @@ def quantize_model(ctx: Any, v: Variant, parent: Any, name: str, out_dir: Path) 
             ctx.console.print(f"  AWQ: {len(rows)} smoothing mappings applied, {skipped} skipped "
                               f"({'; '.join(sorted(set(report.awq_skipped.values()))) or 'incompatible shapes'})",
                               highlight=False, soft_wrap=True)  # one line in a pipe too
-    from quantstudy.schemes import bits_per_weight, info
+    from quantstudy.config.schemes import bits_per_weight, info
 
     if report.autoround_unquantized:  # said, not hidden: these layers stay full precision
         store.put_metric(name, "quantize.autoround_unquantized_layers",
@@ -298,7 +298,7 @@ def quantize_model(ctx: Any, v: Variant, parent: Any, name: str, out_dir: Path) 
             "gptq": v.gptq.model_dump() if v.method == Method.gptq else None,
             "awq": v.awq.model_dump() if v.method == Method.awq else None,
             "format": "compressed-tensors"}
-    from quantstudy.environment import versions
+    from quantstudy.runtime.environment import versions
 
     return ModelRecord(name, "quantized", str(out_dir), parent=parent.name, spec=spec,
                        size_bytes=weights_size(out_dir), weights_hash=weights_hash(out_dir), versions=versions())

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from quantstudy.config import FidelityConfig
-from quantstudy.context import RunContext
+from quantstudy.runtime.context import RunContext
 from quantstudy.errors import QuantStudyError
 from quantstudy.store import ModelRecord
 
@@ -129,7 +129,7 @@ def window_logprobs(model: Any, ids: np.ndarray, wins: list[tuple[int, int, int]
     runs per chunk; otherwise (logit scaling, soft-capping) the full logits are computed and only
     the log-softmax and what follows are chunked.
     """
-    from quantstudy.fastscore import head_is_separable
+    from quantstudy.scoring.fastscore import head_is_separable
 
     separable = len(ids) > 0 and head_is_separable(model, int(ids[0]), device)
     with torch.inference_mode():
@@ -180,7 +180,7 @@ def kl_full(logp: torch.Tensor, logq: torch.Tensor) -> np.ndarray:
 
 # --------------------------------------------------------------------------- baseline cache
 def _progress(ctx: RunContext, label: str, total: int):
-    from quantstudy.progress import make_progress
+    from quantstudy.runtime.progress import make_progress
 
     prog = make_progress(ctx.console)  # rich bars on a terminal, timed plain lines elsewhere
     task = prog.add_task(label, total=total)
@@ -188,9 +188,9 @@ def _progress(ctx: RunContext, label: str, total: int):
 
 
 def _load(path: str, ctx: RunContext) -> tuple[Any, Any]:
-    from quantstudy.models import load_pretrained
+    from quantstudy.stages.resolve import load_pretrained
 
-    from quantstudy.schemes import prepare_loaded
+    from quantstudy.config.schemes import prepare_loaded
 
     model, tok = load_pretrained(Path(path), device=ctx.device, dtype=ctx.cfg.model.dtype.value,
                                  trust_remote_code=ctx.cfg.model.trust_remote_code)
@@ -319,7 +319,7 @@ def fidelity_model(ctx: RunContext, variant: ModelRecord, baseline: ModelRecord)
     if not np.array_equal(tokenize(vtok, text, fcfg.tokens), ids):
         raise QuantStudyError(f"variant {variant.name} tokenizes the text differently from {baseline.name}",
                               fix="compare a variant only with the model it was derived from (same tokenizer)")
-    from quantstudy.schemes import activation_handling
+    from quantstudy.config.schemes import activation_handling
 
     ctx.store.put_metric(variant.name, "activations.fidelity",  # read off the loaded modules (#22)
                          float(activation_handling(model)["quantized_layers"] > 0), activation_handling(model))

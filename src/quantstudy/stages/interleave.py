@@ -74,9 +74,9 @@ def _worker(job: dict[str, Any], inq: Any, outq: Any) -> None:
     try:
         import torch
 
-        from quantstudy.generation import generate_tokens
-        from quantstudy.measure import GenStat, encode_prompts
-        from quantstudy.models import is_compressed, load_pretrained
+        from quantstudy.scoring.generation import generate_tokens
+        from quantstudy.stages.measure import GenStat, encode_prompts
+        from quantstudy.stages.resolve import is_compressed, load_pretrained
 
         def cpu() -> float:
             r = resource.getrusage(resource.RUSAGE_SELF)  # all threads of this process
@@ -87,12 +87,12 @@ def _worker(job: dict[str, Any], inq: Any, outq: Any) -> None:
             torch.cuda.reset_peak_memory_stats()
         dense_layers: dict[str, str] = {}
         if job["backend"] == "packed":
-            from quantstudy.packed import load_packed
+            from quantstudy.scoring.packed import load_packed
 
             model, tok, rep = load_packed(Path(job["path"]), dev, job["trust_remote_code"])
             resident, dense_layers = rep.resident_bytes, rep.dense
         else:
-            from quantstudy.packed import resident_bytes
+            from quantstudy.scoring.packed import resident_bytes
 
             model, tok = load_pretrained(Path(job["path"]), dev, job["dtype"], job["trust_remote_code"])
             resident = resident_bytes(model)
@@ -161,7 +161,7 @@ class _Side:
 def interleave(ctx: Any, jobs: list[dict[str, Any]], rounds: int) -> list[dict[str, Any]]:
     """Measure the jobs in alternating rounds; one dict per job (stats of every round, batch rate,
     prefill, peak memory, other processes' CPU use and load average per round)."""
-    from quantstudy.progress import make_progress
+    from quantstudy.runtime.progress import make_progress
 
     sides = [_Side(j) for j in jobs]
     out: list[dict[str, Any]] = [{"stats": [], "per_round": [], "batch_rates": [], "others": [], "load_1m": []}

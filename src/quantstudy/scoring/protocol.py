@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from quantstudy.chat import Think
+from quantstudy.data.chat import Think
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,7 @@ def rough(seconds: float) -> str:
 
 def model_params(ctx: Any) -> tuple[float, str]:
     """(parameters, how known): from config.json of a local model dir, else the reference size."""
-    from quantstudy.models import SourceKind, classify
+    from quantstudy.stages.resolve import SourceKind, classify
 
     m = ctx.cfg.model
     kind = classify(m.source, ctx.config_dir)
@@ -84,7 +84,7 @@ def params_from_config(c: dict[str, Any]) -> float:
 
 def stage_seconds(ctx: Any, steps: list[Any]) -> list[float]:
     """Estimated seconds for each step (0 for a cached one)."""
-    from quantstudy.models import classify
+    from quantstudy.stages.resolve import classify
     from quantstudy.study import variant_of
 
     cfg = ctx.cfg

@@ -31,14 +31,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from quantstudy import models, train_data
+from quantstudy.stages import resolve as models
+from quantstudy.data import train_data
 from quantstudy.config import TrainConfig, TrainMethod, TrainSource
-from quantstudy.context import RunContext
+from quantstudy.runtime.context import RunContext
 from quantstudy.errors import QuantStudyError
-from quantstudy.resources import track_peak_memory
-from quantstudy.sources import Conversation
+from quantstudy.runtime.resources import track_peak_memory
+from quantstudy.data.sources import Conversation
 from quantstudy.store import ModelRecord
-from quantstudy.train_head import head_on_labelled_positions
+from quantstudy.stages.train_head import head_on_labelled_positions
 
 
 class RichProgress(TrainerCallback):
@@ -172,7 +173,7 @@ def loss_curve(trainer: Any) -> list[tuple[float, float]]:
 
 def evaluated_hashes(ctx: RunContext) -> dict[str, str]:
     """text hash of each evaluated item's question -> "<task>/<item id>" (held-out guard input)."""
-    from quantstudy.evaluate import select_items
+    from quantstudy.stages.evaluate import select_items
 
     if ctx.cfg.evaluate is None:
         return {}

@@ -2,14 +2,14 @@
 
 The prompts are the first `evaluate.speed.prompts` ShareGPT first user turns, rendered with the
 model's chat template, so every model of a study answers the same prompts. A W4A16 model runs on
-torch's packed int4 kernels (quantstudy.packed, bf16 activations) unless `evaluate.speed.backend`
+torch's packed int4 kernels (quantstudy.scoring.packed, bf16 activations) unless `evaluate.speed.backend`
 is dense; its parent runs dense in the same activation dtype (bf16: how it would be deployed).
 
 Every side is a spawned process that loads only its model, so its peak memory is its own: on CPU
 the RSS high-water mark (VmHWM: exact, includes interpreter and libraries, whose share before
 loading is recorded), on CUDA the allocator peak.
 
-Speed-up is a paired measurement (quantstudy.interleave): parent and child processes stay loaded
+Speed-up is a paired measurement (quantstudy.stages.interleave): parent and child processes stay loaded
 and take turns, round by round, over the same prompts (batch 1, then one batch of `speed.batch`);
 the first side alternates between rounds. The ratio of decode rates comes with a bootstrap
 interval over prompts, and the CPU time other processes used during each side is recorded.
@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from quantstudy.chat import render
-from quantstudy.interleave import WARMUP_TOKENS
-from quantstudy.context import RunContext
+from quantstudy.data.chat import render
+from quantstudy.stages.interleave import WARMUP_TOKENS
+from quantstudy.runtime.context import RunContext
 from quantstudy.errors import QuantStudyError
-from quantstudy.models import weights_size
+from quantstudy.stages.resolve import weights_size
 from quantstudy.store import ModelRecord
 
 
@@ -58,7 +58,7 @@ def summarize(stats: list[GenStat]) -> dict[str, float]:
 
 def speed_prompts(ctx: RunContext, n: int) -> list[str]:
     """First user turn of the first n ShareGPT conversations (file order)."""
-    from quantstudy.sources import load_conversations
+    from quantstudy.data.sources import load_conversations
 
     convs = load_conversations("sharegpt", ctx.data_dir, field="evaluate.speed", hub_limit=4 * n)
     firsts = [next((c for r, c in conv.messages if r == "user"), "") for conv in convs]
@@ -148,7 +148,7 @@ def _put_disk(ctx: RunContext, model: ModelRecord) -> None:
 def measure_model(ctx: RunContext, model: ModelRecord, parent: ModelRecord | None = None) -> None:
     """A root model: dense in the deployment dtype (bf16) and float32, interleaved.
     A derived model: paired with its parent (dense bf16), interleaved, with the speed-up and its interval."""
-    from quantstudy.interleave import interleave, paired_ratio
+    from quantstudy.stages.interleave import interleave, paired_ratio
 
     speed = ctx.cfg.evaluate.speed if ctx.cfg.evaluate else None
     if speed is None:
@@ -208,7 +208,7 @@ def side_bytes(model: ModelRecord, bytes_per_param: float) -> float:
     """Rough memory of one measuring process: weights at `bytes_per_param` (from config.json's shape;
     1 for packed 4-bit with bf16 embeddings, a generous round-up) plus ~1 GiB of interpreter, libraries
     and activations."""
-    from quantstudy.estimate import params_from_config
+    from quantstudy.runtime.estimate import params_from_config
 
     try:
         params = params_from_config(json.loads((Path(model.path) / "config.json").read_text()))
@@ -229,8 +229,8 @@ def numerics_check(ctx: RunContext, model: ModelRecord, prompts: list[str]) -> d
     Runs in this process after the timed children have exited, so it touches no timed figure."""
     import torch
 
-    from quantstudy.models import load_pretrained
-    from quantstudy.packed import load_packed
+    from quantstudy.stages.resolve import load_pretrained
+    from quantstudy.scoring.packed import load_packed
 
     trust = ctx.cfg.model.trust_remote_code
     packed, tok, _ = load_packed(Path(model.path), ctx.device, trust)

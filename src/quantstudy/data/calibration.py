@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from quantstudy import chat
+from quantstudy.data import chat
 from quantstudy.config import CalibrationConfig, CalibSource, StudyConfig, TaskName
 from quantstudy.errors import QuantStudyError
-from quantstudy.sources import Conversation, load_conversations
+from quantstudy.data.sources import Conversation, load_conversations
 
 
 @dataclass(frozen=True)

@@ -26,10 +26,10 @@ import torch
 from lm_eval.models.utils import resolve_max_length
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from quantstudy import kernels, prefixtree
-from quantstudy.chat import cut_at_stops, reasoning_token_count, split_reasoning
-from quantstudy.generation import generate_continuous
-from quantstudy.scoring import GenRequest, GenResult, LLRequest, LLResult, RollingResult
+from quantstudy.scoring import kernels, prefixtree
+from quantstudy.data.chat import cut_at_stops, reasoning_token_count, split_reasoning
+from quantstudy.scoring.generation import generate_continuous
+from quantstudy.scoring.protocol import GenRequest, GenResult, LLRequest, LLResult, RollingResult
 
 PACK_WIDTH = 512  # widest row for short pieces; a longer sequence whose context nothing shares runs alone
 # logits per vocabulary projection call: 2**26 floats = 256 MB whatever the vocabulary (1365 positions

@@ -20,7 +20,7 @@ from typing import Any, Iterable
 
 from quantstudy.config import TrainConfig
 from quantstudy.errors import QuantStudyError
-from quantstudy.sources import Conversation, load_conversations
+from quantstudy.data.sources import Conversation, load_conversations
 
 POOL_FACTOR = 20  # hub streams: read samples x 20 rows (at least 10k) to sample from
 

@@ -10,7 +10,7 @@ from typing import Any
 from quantstudy.config import (AutoRoundOptions, AWQOptions, CalibrationConfig, GPTQOptions, Method, StudyConfig,
                                Strict)
 from quantstudy.errors import QuantStudyError
-from quantstudy.schemes import Scheme, info
+from quantstudy.config.schemes import Scheme, info
 
 
 class Variant(Strict):

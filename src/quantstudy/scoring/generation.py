@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from quantstudy.chat import Think, split_reasoning
+from quantstudy.data.chat import Think, split_reasoning
 
 
 @dataclass
@@ -188,7 +188,7 @@ def generate_continuous(model: Any, tok: Any, prompts: list[list[int]], max_new:
     it took part in (a step's time split over its rows, a prefill's over its rows, a shared prefix's
     over its group), so the costs of a call add up to the call's compute time.
     """
-    from quantstudy.slotcache import SlotCache
+    from quantstudy.scoring.slotcache import SlotCache
 
     n = len(prompts)
     if n == 0:

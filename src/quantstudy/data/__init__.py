@@ -1,0 +1,1 @@
+"""Data a stage consumes: conversation sources, calibration sets, SFT data, chat rendering."""

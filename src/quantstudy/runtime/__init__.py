@@ -1,0 +1,1 @@
+"""What every run needs around the stages: the study lock, logs, progress, resource tracking, environment, estimates."""

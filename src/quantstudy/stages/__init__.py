@@ -1,0 +1,1 @@
+"""The stages of a study, one module each: resolve, train, quantize, evaluate, measure, fidelity."""
