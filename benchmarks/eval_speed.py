@@ -24,6 +24,12 @@ the positions each ran through the model: lm-eval's from its `_model_generate` b
 padded width prefill, rows x steps decode: finished rows keep computing until the batch ends),
 quantstudy's from generation.STATS. `--save FILE` appends each run to FILE and reports all runs in
 it, so three alternating runs can be made in separate invocations (each a ~10-minute slot).
+`--only lmeval --items A:B` runs lm-eval on items A..B-1 of the first --limit only: lm-eval's GSM8K-100
+(~25-30 min on 2 cores, every batch of 16 running to 256 tokens) does not fit one lock slot, so it runs
+as parts, each a fresh process (model load included), through simple_evaluate's `samples`. The report
+joins parts that cover the first --limit items into one run (walls, CPU and counts summed, peak RSS the
+largest). lm-eval sorts and batches each part's requests by itself, so its batches differ from one
+100-item run's: a row's padding (and float rounding) and the steps its batch runs can differ.
 """
 
 from __future__ import annotations
@@ -137,17 +143,18 @@ def run_lmeval(a: argparse.Namespace) -> dict:
     HFLM._model_generate, HFLM.__init__ = counted, hooked_init
     with tempfile.TemporaryDirectory() as d:
         name = lm_eval_files(a.task, Path(a.data_dir), Path(d))
+        items = {"samples": {name: list(range(*a.items))}} if a.items else {"limit": a.limit}
         t0 = time.perf_counter()
         out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={a.model},dtype=float32", tasks=[name],
-                                      batch_size=16, device="cpu", limit=a.limit, log_samples=True,
-                                      task_manager=TaskManager(include_path=d, include_defaults=False))
+                                      batch_size=16, device="cpu", log_samples=True,
+                                      task_manager=TaskManager(include_path=d, include_defaults=False), **items)
         wall = time.perf_counter() - t0
     if a.task in GENERATIVE:
         texts, contexts = {}, {}
         for smp in out["samples"][name]:
             key = f"test/{smp['doc_id']}" if a.task == "gsm8k" else smp["doc"]["id"]
             texts[key], contexts[key] = smp["resps"][0][0], smp["arguments"][0][0]
-        return {"wall": wall, "texts": texts, "contexts": contexts, "counts": counts,
+        return {"wall": wall, "texts": texts, "contexts": contexts, "counts": counts, "items": a.items or [0, a.limit],
                 "results": {k: v for k, v in out["results"][name].items() if isinstance(v, (int, float))}}
     preds = {}
     for s in out["samples"][name]:
@@ -223,9 +230,15 @@ def main() -> None:
     p.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
     p.add_argument("--save", default=None, help="JSON file: append this invocation's runs, report all runs in it")
     p.add_argument("--only", choices=["lmeval", "quantstudy"], help="run one side only (with --save: a run in two slots)")
+    p.add_argument("--items", default=None, help="A:B, with --only lmeval: items A..B-1 only (one part of a run)")
     p.add_argument("--worker", choices=["lmeval", "quantstudy"], help=argparse.SUPPRESS)
     a = p.parse_args()
     a.limit = a.limit if a.limit is not None else DEFAULT_LIMIT[a.task]
+    if a.items:
+        a.items = [int(x) for x in a.items.split(":")]
+        if a.only != "lmeval" or a.task not in GENERATIVE or not 0 <= a.items[0] < a.items[1] <= a.limit:
+            p.error(f"--items {a.items[0]}:{a.items[1]}: needs --only lmeval, a generative task and "
+                    f"0 <= A < B <= --limit ({a.limit})")
     if a.worker:
         load0 = os.getloadavg()[0]
         res = (run_lmeval if a.worker == "lmeval" else run_quantstudy)(a)
@@ -248,23 +261,47 @@ def main() -> None:
             if a.only and side != a.only:
                 continue
             cmd = [sys.executable, __file__, "--worker", side, "--task", a.task, "--model", a.model,
-                   "--data-dir", a.data_dir] + (["--limit", str(a.limit)] if a.limit else [])
+                   "--data-dir", a.data_dir] + (["--limit", str(a.limit)] if a.limit else []) \
+                + (["--items", "{}:{}".format(*a.items)] if a.items else [])
             out = subprocess.run(cmd, capture_output=True, text=True)
             line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
             if line is None:
                 sys.exit(f"{side} run failed:\n{out.stderr[-3000:]}")
             runs[side].append(json.loads(line[7:]))
             res = runs[side][-1]
-            print(f"run {r + 1} {side:<10} {res['wall']:7.1f} s wall, {res['cpu_s']:7.1f} s CPU (process), "
+            part = " items {}:{}".format(*a.items) if a.items else ""
+            print(f"run {r + 1} {side:<10}{part} {res['wall']:7.1f} s wall, {res['cpu_s']:7.1f} s CPU (process), "
                   f"load avg {res['load'][0]:.1f} -> {res['load'][1]:.1f}", flush=True)
             if a.save:
                 Path(a.save).write_text(json.dumps({"task": a.task, "limit": a.limit, "model": a.model, "runs": runs}))
+    if gen:
+        runs = {k: joined(v, a.limit) for k, v in runs.items()}
     if not (runs["lmeval"] and runs["quantstudy"]):
         return
     if gen:
         report_generative(a, runs)
     else:
         report(a, runs, full, shared)
+
+
+def joined(side_runs: list[dict], limit: int) -> list[dict]:
+    """One side's runs, parts (--items) that cover items 0..limit-1 in order joined into one run each."""
+    whole = [r for r in side_runs if r.get("items", [0, limit]) == [0, limit]]
+    parts = sorted((r for r in side_runs if r.get("items", [0, limit]) != [0, limit]), key=lambda r: r["items"][0])
+    chain: list[dict] = []
+    for r in parts:
+        if r["items"][0] != (chain[-1]["items"][1] if chain else 0):
+            continue  # a repeated or stray part; a full chain starts at item 0
+        chain.append(r)
+        if r["items"][1] == limit:
+            whole.append({"wall": sum(x["wall"] for x in chain), "cpu_s": sum(x["cpu_s"] for x in chain),
+                          "peak_rss": max(x["peak_rss"] for x in chain), "parts": [x["items"] for x in chain],
+                          "load": [v for x in chain for v in x["load"]], "items": [0, limit],
+                          "texts": {k: v for x in chain for k, v in x["texts"].items()},
+                          "contexts": {k: v for x in chain for k, v in x["contexts"].items()},
+                          "counts": {k: sum(x["counts"][k] for x in chain) for k in chain[0]["counts"]}})
+            chain = []
+    return whole
 
 
 def print_speedup_and_load(runs: dict[str, list[dict]], med: dict[str, float]) -> None:
@@ -314,6 +351,11 @@ def report_generative(a: argparse.Namespace, runs: dict[str, list[dict]]) -> Non
         walls = ", ".join(f"{r['wall']:.1f}" for r in v)
         print(f"{k:<12}{med[k]:>16.1f}{walls:>28}{min(r['wall'] for r in v):>8.1f}"
               f"{statistics.median(r['cpu_s'] for r in v):>8.1f}{max(r['peak_rss'] for r in v) / 2**30:>14.2f}")
+    for k, v in runs.items():
+        for r in v:
+            if "parts" in r:
+                print(f"  {k}: a run of {len(r['parts'])} parts, items " + ", ".join(f"{x}:{y}" for x, y in r["parts"])
+                      + " (walls summed: each part loads the model and builds the task again)")
     print_speedup_and_load(runs, med)
     print("model positions computed (first run of each side; prompt tokens = without padding or sharing):")
     print(f"{'':<12}{'prompt tok':>11}{'prefill pos':>12}{'decode pos':>11}{'prefill s':>10}{'decode s':>9}")
@@ -323,6 +365,9 @@ def report_generative(a: argparse.Namespace, runs: dict[str, list[dict]]) -> Non
               f"{c['prefill_s']:>10.1f}{c['decode_s']:>9.1f}")
     print(f"quantstudy: {sum(ours['tokens']):,} tokens generated, {ours['hit_max']} of {n} hit {MAX_NEW}; per-item "
           f"latencies sum to {ours['latency_sum']:.1f} s (each request's share of the forward passes it was in)")
+    if ours["counts"].get("cache_bytes"):
+        print(f"quantstudy slot cache: {ours['counts']['cache_bytes'] / 2**30:.2f} GiB "
+              f"({ours['counts']['steps']} decode steps)")
     same_prompt = sum(ref["contexts"][i] == ours["contexts"][i] for i in ids)
     print(f"identical prompts: {same_prompt}/{n}")
     same = [i for i in ids if ref["texts"][i] == ours["texts"][i]]

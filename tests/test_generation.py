@@ -113,3 +113,43 @@ def test_shared_prefix_computed_once(tiny):
     assert [g.tokens for g in got] == [reference(model, p, 1) for p in ps]
     # 4, 4 and 3 questions on the three passages: each passage computed once
     assert sum(positions) == sum(len(p) for p in ps) - 40 * 3 - 55 * 3 - 70 * 2
+
+
+def test_slot_cache_size_and_prefill_passes_are_bounded(tiny, monkeypatch):
+    """The memory bound of #21: the slot cache holds slots x (longest prompt + max_new + SLACK) columns,
+    no more, and a prefill pass runs at most PREFILL_POSITIONS padded positions (one longer prompt alone)."""
+    model, tok = tiny
+    ps = prompts(tok)
+    monkeypatch.setattr(generation, "PREFILL_POSITIONS", 64)
+    passes: list[tuple[int, int]] = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda m, i, o: passes.append(tuple(i[0].shape)))
+    monkeypatch.setattr(generation, "STATS", generation.GenStats())
+    try:
+        got = generate_continuous(model, tok, ps, 8, [], batch_size=3)
+    finally:
+        hook.remove()
+    assert [g.tokens for g in got] == [reference(model, p, 8) for p in ps]
+    # by hand: 2 layers x (keys, values) x 3 slots x 2 kv heads x (70 + 8 + 32) columns x 8 dims x 8 bytes
+    lmax = max(len(p) for p in ps)
+    assert lmax == 70 + 8 and generation.SLACK == 32
+    assert generation.STATS.cache_bytes == 2 * 2 * 3 * 2 * (lmax + 8 + 32) * 8 * 8
+    prefill = [(r, w) for r, w in passes if w > 1]
+    assert len(prefill) > 3 and all(r * w <= 64 or r == 1 for r, w in prefill)
+    assert any(r > 1 for r, w in prefill)  # the bound still lets short suffixes share a pass
+
+
+def test_grouped_query_sdpa_inside_generation_only(tiny, monkeypatch):
+    """On the CPU an SDPA model attends through torch's grouped-query SDPA (no repeated keys) during
+    generate_continuous, with the tokens of transformers' own SDPA (the tests above), and its
+    attention implementation is restored afterwards."""
+    model, tok = tiny
+    calls: list[int] = []
+    real = generation._sdpa_gqa
+    monkeypatch.setattr(generation, "_sdpa_gqa", lambda *a, **k: (calls.append(a[2].shape[1]), real(*a, **k))[1])
+    before = model.config._attn_implementation
+    generate_continuous(model, tok, prompts(tok)[:4], 4, [], batch_size=2)
+    assert model.config._attn_implementation == before
+    if before == "sdpa":
+        assert calls and set(calls) == {2}  # keys arrive with the model's 2 kv heads, not repeated to 4
+    else:
+        assert not calls

@@ -59,6 +59,10 @@ class SlotCache(Cache):
     def ready(self) -> bool:
         return all(layer.is_initialized for layer in self.layers)
 
+    def nbytes(self) -> int:
+        """Bytes held by the key and value buffers (0 before the first request is placed)."""
+        return sum(b.nbytes for layer in self.layers if layer.is_initialized for b in (layer.keys, layer.values))
+
     def place(self, slot: int, layer_kv: list[tuple[torch.Tensor, torch.Tensor]], cols: torch.Tensor) -> None:
         """Copy one request's keys/values ([kv_heads, len, head_dim] each, real tokens only, picked by
         `cols` from a prefill cache row) into `slot`, ending just before column `col`."""
