@@ -16,9 +16,10 @@ from rich.console import Console
 
 from quantstudy.config import TaskName, TaskSpec, parse_config
 from quantstudy.runtime.context import RunContext
-from quantstudy.stages.evaluate import evaluate_model, make_scorer, select_items
+from quantstudy.stages.evaluate import make_scorer, select_items
 from quantstudy.scoring.protocol import GenRequest, LLRequest
 from quantstudy.store import ModelRecord, Store
+from quantstudy.study import run_stage
 
 CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -94,7 +95,7 @@ def test_evaluate_end_to_end_resume_and_rescore(tmp_path: Path, data_dir: Path, 
     tasks = [t.value for t in TaskName if t not in (TaskName.gsm8k,)] + [{"name": "gsm8k", "num_fewshot": 1}]
     ctx = make_ctx(tmp_path, data_dir, tasks=tasks, limit=3)
     model = ModelRecord("base", "baseline", str(models[0]))
-    evaluate_model(ctx, model)
+    run_stage(ctx, "evaluate", model)
     before = {t.value: rows(ctx, "base", t.value) for t in TaskName}
     assert all(len(r) == 3 for r in before.values()), {t: len(r) for t, r in before.items()}
     metrics = {n: v for _, n, v, _ in ctx.store.metrics("base")}
@@ -107,7 +108,7 @@ def test_evaluate_end_to_end_resume_and_rescore(tmp_path: Path, data_dir: Path, 
     mc = next(r for _, r in ctx.store.items("base", "arc_easy"))
     assert len(mc.details["loglikelihoods"]) == len(mc.details["lengths_chars"]) >= 3
 
-    evaluate_model(ctx, model)  # nothing to do: same rows, same stored latencies
+    run_stage(ctx, "evaluate", model)  # nothing to do: same rows, same stored latencies
     assert {t.value: rows(ctx, "base", t.value) for t in TaskName} == before
     timed = {n: (v, i) for _, n, v, i in ctx.store.metrics("base") if n.startswith("time.eval.")}
     assert set(timed) == {f"time.eval.{t.value}" for t in TaskName}  # the no-op run re-timed nothing
@@ -117,14 +118,14 @@ def test_evaluate_end_to_end_resume_and_rescore(tmp_path: Path, data_dir: Path, 
     ctx.store.db.execute("DELETE FROM items WHERE model='base' AND task='arc_easy' AND item_id=?",
                          (sorted(before["arc_easy"])[0],))
     ctx2 = make_ctx(tmp_path, data_dir, tasks=["arc_easy"], limit=5)
-    evaluate_model(ctx2, model)
+    run_stage(ctx2, "evaluate", model)
     after = rows(ctx2, "base", "arc_easy")
     kept = set(before["arc_easy"]) - {sorted(before["arc_easy"])[0]}
     assert len(after) == 5 and all(after[i] == before["arc_easy"][i] for i in kept)
 
     # a different prompt (1-shot instead of 0-shot) is a different measurement: rescored
     ctx3 = make_ctx(tmp_path, data_dir, tasks=["arc_easy"], limit=5, num_fewshot=1)
-    evaluate_model(ctx3, model)
+    run_stage(ctx3, "evaluate", model)
     rescored = rows(ctx3, "base", "arc_easy")
     assert all(rescored[i][2] != after[i][2] for i in after)
     info = {n: i for _, n, _, i in ctx3.store.metrics("base")}["eval.arc_easy.acc"]
@@ -135,12 +136,12 @@ def test_per_task_chat_template_override(tmp_path: Path, data_dir: Path, models:
     # an instruct model may need its chat template for one generative task only
     ctx = make_ctx(tmp_path, data_dir, tasks=["arc_easy", {"name": "openmathinstruct2", "chat_template": True}],
                    limit=2, max_new_tokens=2)
-    evaluate_model(ctx, ModelRecord("base", "baseline", str(models[0])))
+    run_stage(ctx, "evaluate", ModelRecord("base", "baseline", str(models[0])))
     info = {n: i for _, n, _, i in ctx.store.metrics("base")}
     assert info["eval.arc_easy.acc"]["chat_template"] is False
     assert info["eval.openmathinstruct2.acc"]["chat_template"] is True
     plain = make_ctx(tmp_path / "plain", data_dir, tasks=["openmathinstruct2"], limit=2, max_new_tokens=2)
-    evaluate_model(plain, ModelRecord("base", "baseline", str(models[0])))
+    run_stage(plain, "evaluate", ModelRecord("base", "baseline", str(models[0])))
     chat_hash = {r.item_id: r.prompt_hash for _, r in ctx.store.items("base", "openmathinstruct2")}
     assert all(chat_hash[r.item_id] != r.prompt_hash for _, r in plain.store.items("base", "openmathinstruct2"))
 
@@ -149,7 +150,7 @@ def test_every_model_gets_the_same_items(tmp_path: Path, data_dir: Path, models:
     ctx = make_ctx(tmp_path, data_dir, tasks=["arc_challenge", "squad_v2"], limit=4, limit_mode="random",
                    chat_template=True)
     for i, path in enumerate(models):
-        evaluate_model(ctx, ModelRecord(f"m{i}", "quantized", str(path)))
+        run_stage(ctx, "evaluate", ModelRecord(f"m{i}", "quantized", str(path)))
     for task in ("arc_challenge", "squad_v2"):
         a, b = rows(ctx, "m0", task), rows(ctx, "m1", task)
         assert len(a) == 4 and set(a) == set(b) and {k: v[2] for k, v in a.items()} == {k: v[2] for k, v in b.items()}

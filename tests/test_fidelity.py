@@ -15,8 +15,10 @@ from scipy.special import rel_entr, softmax
 from quantstudy.config import FidelityConfig, ModelConfig, StudyConfig, parse_config
 from quantstudy.runtime.context import RunContext
 from quantstudy.errors import QuantStudyError
-from quantstudy.stages.fidelity import answer_metrics, fidelity_model, kl_topk_tail, topk_tail, windows
+from quantstudy.stages.fidelity import kl_topk_tail, topk_tail, windows
 from quantstudy.store import ItemRecord, ModelRecord, Store
+from quantstudy.study import run_stage
+from quantstudy.report.answers import answer_metrics
 
 WORDS = ("the cat sat on a mat while seven quiet engineers measured how far the weights "
          "moved after rounding to four bits and nobody expected the answer to change").split()
@@ -135,7 +137,7 @@ def test_answer_metrics_match_hand_computation(tmp_path: Path, tiny: dict[str, P
     ctx.store.put_items("var", [item("arc_easy", "1", [ln(.25) - 3, ln(.5) - 3, ln(.25) - 3]),
                                 item("arc_easy", "2", [ln(.4), ln(.6)]), item("arc_easy", "3", [0.0, 1.0]),
                                 item("hellaswag", "9", [-1.0, -2.0, -3.0, -4.0]), item("gsm8k", "1", None)])
-    got = answer_metrics(ctx, "var", "base")
+    got = answer_metrics(ctx.store, "var", "base")
     kl1 = .5 * ln(2) + .25 * ln(.5)  # p=[.5,.25,.25], q=[.25,.5,.25]; answer changed 0 -> 1
     kl2 = .2 * ln(.2 / .4) + .8 * ln(.8 / .6)  # answer stays 1
     assert got["arc_easy.answer_kl"] == pytest.approx(((kl1 + kl2) / 2, 2), rel=1e-12)
@@ -148,7 +150,7 @@ def test_answer_metrics_match_hand_computation(tmp_path: Path, tiny: dict[str, P
 # ------------------------------------------------------------------ end to end on tiny models
 def test_model_against_itself_is_identical(tmp_path: Path, tiny: dict[str, Path]) -> None:
     ctx = _ctx(tmp_path, tiny, top_k=8)
-    fidelity_model(ctx, _rec("same", tiny["base"]), _rec("base", tiny["base"], "baseline"))
+    run_stage(ctx, "fidelity", _rec("same", tiny["base"]), parent=_rec("base", tiny["base"], "baseline"))
     m = _metrics(ctx, "same")
     assert m["kl_mean"] == pytest.approx(0, abs=1e-12) and m["kl_p99"] == pytest.approx(0, abs=1e-12)
     assert m["top1_agree"] == 1.0 and m["ppl_ratio"] == pytest.approx(1, abs=1e-12) and m["dp_rms"] < 1e-12
@@ -166,7 +168,7 @@ def test_metrics_match_float64_reference(tmp_path: Path, tiny: dict[str, Path], 
             "dp_rms": np.sqrt(np.mean((np.exp(lq[g, gold]) - np.exp(lp[g, gold])) ** 2))}
     vocab = lp.shape[1]
     ctx = _ctx(tmp_path, tiny, top_k=vocab, stride=stride)
-    fidelity_model(ctx, _rec("noisy", tiny["noisy"]), _rec("base", tiny["base"], "baseline"))
+    run_stage(ctx, "fidelity", _rec("noisy", tiny["noisy"]), parent=_rec("base", tiny["base"], "baseline"))
     m = _metrics(ctx, "noisy")
     assert want["kl_mean"] > 1e-3  # the perturbation is visible, so the comparison means something
     for name, v in want.items():
@@ -174,7 +176,7 @@ def test_metrics_match_float64_reference(tmp_path: Path, tiny: dict[str, Path], 
     assert m["top1_agree"] == pytest.approx(np.mean(lp.argmax(-1) == lq.argmax(-1)), abs=1.5 / len(gold))
     assert m["n_tokens"] == len(gold) == 299
     ctx_k = _ctx(tmp_path / "k", tiny, top_k=4, stride=stride)
-    fidelity_model(ctx_k, _rec("noisy", tiny["noisy"]), _rec("base", tiny["base"], "baseline"))
+    run_stage(ctx_k, "fidelity", _rec("noisy", tiny["noisy"]), parent=_rec("base", tiny["base"], "baseline"))
     bound = _metrics(ctx_k, "noisy")["kl_mean"]
     assert 0 < bound <= want["kl_mean"] * (1 + 1e-5)
 
@@ -186,13 +188,13 @@ def test_baseline_is_cached_across_variants(tmp_path: Path, tiny: dict[str, Path
     shutil.copytree(tiny["base"], base_dir)
     ctx = _ctx(tmp_path, tiny, top_k=16)
     baseline = _rec("base", base_dir, "baseline")
-    fidelity_model(ctx, _rec("v1", tiny["noisy"]), baseline)
+    run_stage(ctx, "fidelity", _rec("v1", tiny["noisy"]), parent=baseline)
     files = sorted((ctx.work_dir / "fidelity").iterdir())
     assert len(files) == 1 and files[0].suffix == ".npz"
     mtime = files[0].stat().st_mtime_ns
     for w in base_dir.glob("*.safetensors"):
         w.unlink()  # the baseline model can no longer be loaded: a recompute would fail
-    fidelity_model(ctx, _rec("v2", tiny["noisy"]), baseline)
+    run_stage(ctx, "fidelity", _rec("v2", tiny["noisy"]), parent=baseline)
     assert sorted((ctx.work_dir / "fidelity").iterdir()) == files and files[0].stat().st_mtime_ns == mtime
     assert _metrics(ctx, "v2")["kl_mean"] == pytest.approx(_metrics(ctx, "v1")["kl_mean"], rel=1e-12)
 
@@ -200,10 +202,10 @@ def test_baseline_is_cached_across_variants(tmp_path: Path, tiny: dict[str, Path
 def test_bad_settings_name_the_field(tmp_path: Path, tiny: dict[str, Path]) -> None:
     ctx = _ctx(tmp_path, tiny, source=str(tmp_path / "missing.txt"))
     with pytest.raises(QuantStudyError, match="fidelity.source"):
-        fidelity_model(ctx, _rec("v", tiny["noisy"]), _rec("base", tiny["base"], "baseline"))
+        run_stage(ctx, "fidelity", _rec("v", tiny["noisy"]), parent=_rec("base", tiny["base"], "baseline"))
     ctx = _ctx(tmp_path / "long", tiny, context_length=300)  # the tiny models have 256 positions
     with pytest.raises(QuantStudyError, match="fidelity.context_length.*300"):
-        fidelity_model(ctx, _rec("v", tiny["noisy"]), _rec("base", tiny["base"], "baseline"))
+        run_stage(ctx, "fidelity", _rec("v", tiny["noisy"]), parent=_rec("base", tiny["base"], "baseline"))
     with pytest.raises(QuantStudyError, match="stride"):
         parse_config({"name": "t", "model": {"source": "x/y"}, "fidelity": {"context_length": 64, "stride": 65}})
 
@@ -216,7 +218,7 @@ def test_smollm2_against_itself(tmp_path: Path, smollm2_dir: Path, shared_data: 
     ctx = RunContext(cfg=cfg, study_dir=tmp_path, config_dir=tmp_path,
                      store=Store(tmp_path / "s.sqlite"), data_dir=shared_data,
                      device="cpu", console=Console(quiet=True))
-    fidelity_model(ctx, _rec("self", smollm2_dir), _rec("base", smollm2_dir, "baseline"))
+    run_stage(ctx, "fidelity", _rec("self", smollm2_dir), parent=_rec("base", smollm2_dir, "baseline"))
     m = _metrics(ctx, "self")
     assert m["kl_mean"] == pytest.approx(0, abs=1e-9) and m["top1_agree"] == 1.0
     assert 5 < m["ppl_baseline"] < 100  # a 135M model on WikiText-2 (published: ~20-30 at 512 context)

@@ -63,7 +63,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory, shared_data: Path, smoll
 def test_arc_easy_dev_agrees_with_lm_eval(reference: dict, shared_data: Path, smollm2_dir: Path,
                                           backend: str) -> None:
     from quantstudy.scoring.lmeval_backend import LMEvalScorer
-    from quantstudy.stages.resolve import load_pretrained
+    from quantstudy.runtime.modeldir import load_pretrained
 
     model, tok = load_pretrained(smollm2_dir, device="cpu", dtype="float32")
     if backend == "fast":

@@ -22,8 +22,8 @@ from rich.console import Console
 from quantstudy.config import LMEvalTaskSpec, parse_config
 from quantstudy.runtime.context import RunContext
 from quantstudy.errors import QuantStudyError
-from quantstudy.stages.evaluate import evaluate_model
 from quantstudy.store import ModelRecord, Store
+from quantstudy.study import run_stage
 from tests.test_evaluate import tiny_model
 
 MC = """task: qs_arc_mc
@@ -136,7 +136,7 @@ def reference(model_dir: Path, task_dir: Path, name: str, limit: int) -> tuple[d
 def ours(root: Path, model_dir: Path, task_dir: Path, name: str, limit: int) -> tuple[dict, dict, float]:
     ctx = study(root, [{"lmeval": name, "include_path": str(task_dir), "limit": limit}])
     t0 = time.perf_counter()
-    evaluate_model(ctx, ModelRecord(name="m", role="baseline", path=str(model_dir)))
+    run_stage(ctx, "evaluate", ModelRecord(name="m", role="baseline", path=str(model_dir)))
     wall = time.perf_counter() - t0
     recs = {int(r.item_id): r for _, r in ctx.store.items("m", name)}
     metrics = {n.split(".", 2)[2]: v for _, n, v, _ in ctx.store.metrics("m") if n.startswith(f"eval.{name}.")}
@@ -198,10 +198,10 @@ def test_items_resume_and_feed_the_report(tmp_path: Path, tiny: Path, task_dir: 
     tasks = [{"lmeval": n, "include_path": str(task_dir), "limit": 10} for n in ("qs_arc_mc", "qs_gsm_gen", "qs_wiki_roll")]
     ctx = study(tmp_path, tasks)
     for name, path in (("a", tiny), ("b", other)):
-        evaluate_model(ctx, ModelRecord(name=name, role="baseline", path=str(path)))
+        run_stage(ctx, "evaluate", ModelRecord(name=name, role="baseline", path=str(path)))
     timing = lambda: [v for _, n, v, _ in ctx.store.metrics("a") if n == "time.eval.qs_arc_mc"]  # noqa: E731
     before = timing()
-    evaluate_model(ctx, ModelRecord(name="a", role="baseline", path=str(tiny)))
+    run_stage(ctx, "evaluate", ModelRecord(name="a", role="baseline", path=str(tiny)))
     assert timing() == before and len(before) == 1  # nothing was rescored (a rescore rewrites the time)
     items = load_items(ctx.store)
     kinds = {}
@@ -230,7 +230,7 @@ def test_group_subtasks_and_aggregate_agree_with_lm_eval(tmp_path: Path, tiny: P
     (gdir / "group.yaml").write_text("group: qs_group\ntask: [qs_arc_mc, qs_arc_mc0]\naggregate_metric_list:\n"
                                      "  - {metric: acc, aggregation: mean, weight_by_size: true}\n")
     ctx = study(tmp_path, [{"lmeval": "qs_group", "include_path": str(gdir), "limit": 12}])
-    evaluate_model(ctx, ModelRecord(name="m", role="baseline", path=str(tiny)))
+    run_stage(ctx, "evaluate", ModelRecord(name="m", role="baseline", path=str(tiny)))
     got = {n: v for _, n, v, _ in ctx.store.metrics("m")}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -245,7 +245,7 @@ def test_group_subtasks_and_aggregate_agree_with_lm_eval(tmp_path: Path, tiny: P
     # built-in task of that name would otherwise share), and the report's group table reads it there
     actx = study(tmp_path / "aliased", [{"lmeval": "qs_group", "include_path": str(gdir), "limit": 12,
                                          "alias": "lm_grp"}])
-    evaluate_model(actx, ModelRecord(name="m", role="baseline", path=str(tiny)))
+    run_stage(actx, "evaluate", ModelRecord(name="m", role="baseline", path=str(tiny)))
     agot = {n: (v, i) for _, n, v, i in actx.store.metrics("m")}
     assert agot["eval.lm_grp.acc"][0] == pytest.approx(ref["results"]["qs_group"]["acc,none"])
     assert agot["eval.lm_grp.acc"][1]["group"] == "lm_grp" and "eval.qs_group.acc" not in agot
@@ -270,7 +270,7 @@ def test_function_in_user_yaml_refused_without_trust(tmp_path: Path, shared_data
     # trusted: lm-eval imports and uses the function
     plan_check(spec, tmp_path, trust=True)
     ctx = study(tmp_path, [{"lmeval": "qs_func", "include_path": str(d), "limit": 3}], trust_task_code=True)
-    evaluate_model(ctx, ModelRecord(name="m", role="baseline", path=str(tiny)))
+    run_stage(ctx, "evaluate", ModelRecord(name="m", role="baseline", path=str(tiny)))
     assert len(list(ctx.store.items("m", "qs_func"))) == 3
 
 

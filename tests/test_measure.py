@@ -11,9 +11,10 @@ from rich.console import Console
 
 from quantstudy.config import parse_config
 from quantstudy.runtime.context import RunContext
-from quantstudy.stages.measure import GenStat, measure_model, percentile, speed_prompts, summarize
-from quantstudy.stages.resolve import weights_size
+from quantstudy.stages.measure import GenStat, percentile, speed_prompts, summarize
+from quantstudy.runtime.modeldir import weights_size
 from quantstudy.store import ModelRecord, Store
+from quantstudy.study import run_stage
 from tests.tiny import make_tiny_model
 
 
@@ -102,7 +103,7 @@ def test_measure_model_writes_labelled_metrics(tmp_path):
     want = _expected(model_dir, prompts, 6)
     assert {w.hit_max for w in want} == {True, False}
     ctx = _ctx(tmp_path, _sharegpt(tmp_path, prompts), prompts=3, max_new=6)
-    measure_model(ctx, ModelRecord("base", "baseline", str(model_dir)))
+    run_stage(ctx, "measure", ModelRecord("base", "baseline", str(model_dir)))
     m = {name: (value, info) for _, name, value, info in ctx.store.metrics("base")}
     for prefix, dtype in (("", "bfloat16"), ("float32.", "float32")):
         for key in ("latency_mean_s", "latency_p50_s", "latency_p95_s", "ttft_mean_s", "tokens_per_response",
@@ -156,7 +157,7 @@ def test_paired_ratio_recovers_a_known_speedup_and_refuses_a_busy_machine():
 def _rtn(tmp_path: Path) -> tuple[Path, Path]:
     from quantstudy.stages.quantize import run_oneshot
     from quantstudy.config.variants import expand_variants
-    from quantstudy.stages.resolve import load_pretrained
+    from quantstudy.runtime.modeldir import load_pretrained
 
     base = make_tiny_model(tmp_path / "base")
     cfg = parse_config({"name": "t", "model": {"source": str(base)}, "quantize": [{"method": "rtn", "group_size": 32}]})
@@ -169,8 +170,8 @@ def _pair_metrics(tmp_path: Path, rounds: int = 3) -> dict:
     base, q = _rtn(tmp_path)
     prompts = ["the cat sat on a mat", "how many dogs ran past", "what is the sum", "one blue house"]
     ctx = _ctx(tmp_path, _sharegpt(tmp_path, prompts), prompts=4, max_new=8, rounds=rounds)
-    measure_model(ctx, ModelRecord("rtn", "quantized", str(q), parent="base"),
-                  ModelRecord("base", "baseline", str(base)))
+    run_stage(ctx, "measure", ModelRecord("rtn", "quantized", str(q), parent="base"),
+              parent=ModelRecord("base", "baseline", str(base)))
     return {name: (value, info) for _, name, value, info in ctx.store.metrics("rtn")}
 
 
@@ -243,7 +244,7 @@ def test_root_sides_that_do_not_fit_together_run_one_after_the_other(tmp_path, m
         measure.side_bytes(ModelRecord("b", "baseline", str(model_dir)), 4)
     monkeypatch.setattr(measure, "memory_available", lambda: need_both - 1)
     ctx = _ctx(tmp_path, _sharegpt(tmp_path, prompts), prompts=2, max_new=4)
-    measure_model(ctx, ModelRecord("base", "baseline", str(model_dir)))
+    run_stage(ctx, "measure", ModelRecord("base", "baseline", str(model_dir)))
     m = {name: info for _, name, _, info in ctx.store.metrics("base")}
     assert m["speed.float32.tokens_per_s"]["interleaved"].startswith("no: measured after the bf16 side")
     assert m["speed.tokens_per_s"]["interleaved"].startswith("yes")
@@ -257,7 +258,7 @@ def test_a_pairing_that_does_not_fit_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(measure, "memory_available", lambda: 2.0**30)  # 1 GiB: less than two interpreters
     ctx = _ctx(tmp_path, _sharegpt(tmp_path, ["the cat sat"]), prompts=1, max_new=4)
     with pytest.raises(QuantStudyError) as e:
-        measure_model(ctx, ModelRecord("rtn", "quantized", str(q), parent="base"),
-                      ModelRecord("base", "baseline", str(base)))
+        run_stage(ctx, "measure", ModelRecord("rtn", "quantized", str(q), parent="base"),
+                  parent=ModelRecord("base", "baseline", str(base)))
     assert e.value.field == "evaluate.speed" and "evaluate.speed: null" in e.value.fix
     assert not [n for _, n, _, _ in ctx.store.metrics("rtn")]  # nothing half-written

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from quantstudy.errors import QuantStudyError
-from quantstudy.stages.resolve import load_pretrained
+from quantstudy.runtime.modeldir import load_pretrained
 from quantstudy.scoring.packed import (PackedBackend, PackedLinear, inner_k_tiles, int4_values, load_packed, pack_cuda_input,
                                pack_layer, why_dense, zero_points)
 from tests.tiny import make_tiny_model, text

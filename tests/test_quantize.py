@@ -10,7 +10,7 @@ import torch
 from quantstudy.config import parse_config
 from quantstudy.config.variants import expand_variants
 from quantstudy.errors import QuantStudyError
-from quantstudy.stages.resolve import load_pretrained
+from quantstudy.runtime.modeldir import load_pretrained
 from quantstudy.stages.quantize import check_group_size, linear_shapes, run_oneshot
 from tests.tiny import make_tiny_model, text
 

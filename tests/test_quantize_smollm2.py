@@ -10,7 +10,7 @@ import torch
 from quantstudy.data.calibration import build_calibration, tokenize
 from quantstudy.config import parse_config
 from quantstudy.config.variants import expand_variants
-from quantstudy.stages.resolve import load_pretrained
+from quantstudy.runtime.modeldir import load_pretrained
 from quantstudy.stages.quantize import check_group_size, linear_shapes, run_oneshot
 
 pytestmark = pytest.mark.slow

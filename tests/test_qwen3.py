@@ -20,7 +20,8 @@ from quantstudy.data import chat
 from quantstudy.data.calibration import render as calib_render
 from quantstudy.config import parse_config
 from quantstudy.errors import QuantStudyError
-from quantstudy.stages.resolve import load_pretrained, resolve_source
+from quantstudy.stages.resolve import resolve_source
+from quantstudy.runtime.modeldir import load_pretrained
 from quantstudy.stages.quantize import LayerReport, run_oneshot
 from quantstudy.data.sources import Conversation
 from tests.test_quantize import calib_dataset, levels_per_group, variant
@@ -221,7 +222,7 @@ def test_awq_stage_records_mappings_and_calibrates_with_template_kwargs(qwen3, t
     from transformers import AutoTokenizer
 
     from quantstudy.runtime.context import RunContext
-    from quantstudy.stages.quantize import quantize_model
+    from quantstudy.study import run_stage
     from quantstudy.data.sources import load_conversations
     from quantstudy.store import ModelRecord, Store
     from quantstudy.config.variants import expand_variants
@@ -237,7 +238,8 @@ def test_awq_stage_records_mappings_and_calibrates_with_template_kwargs(qwen3, t
     v = expand_variants(cfg)[0]
     ctx = RunContext(cfg, tmp_path / "s", tmp_path, Store(tmp_path / "s" / "store.sqlite"), None, "cpu",
                      Console(file=io.StringIO()))
-    rec = quantize_model(ctx, v, ModelRecord("base", "baseline", str(qwen3)), v.name, tmp_path / "s" / "models" / v.name)
+    rec = run_stage(ctx, "quantize", ModelRecord("base", "baseline", str(qwen3)), made=v.name, variant=v,
+                    out_dir=tmp_path / "s" / "models" / v.name)
     m = {n: (val, info) for _, n, val, info in ctx.store.metrics(v.name)}
     layers = [f"model.layers.{i}.self_attn.v_proj" for i in range(2)]
     assert m["quantize.awq_mappings_skipped"][0] == 2 and sorted(m["quantize.awq_mappings_skipped"][1]["skipped"]) == layers
@@ -297,8 +299,8 @@ def test_qwen3_fast_scorer_agrees_with_lmeval(qwen3):
 
 
 def test_qwen3_lora_trains_and_merges(qwen3, tmp_path):
-    from quantstudy.stages import train
     from quantstudy.runtime.context import RunContext
+    from quantstudy.study import run_stage
     from quantstudy.store import ModelRecord, Store
     from tests.test_train import PAIRS, completion_nll, conv
 
@@ -310,7 +312,8 @@ def test_qwen3_lora_trains_and_merges(qwen3, tmp_path):
                                   "learning_rate": 5e-3, "max_seq_len": 96, "lora": {"r": 8, "alpha": 16}}})
     ctx = RunContext(cfg, tmp_path / "s", tmp_path, Store(tmp_path / "s" / "store.sqlite"), None, "cpu",
                      Console(file=io.StringIO()))
-    rec = train.train_model(ctx, ModelRecord("base", "baseline", str(qwen3)), tmp_path / "s" / "models" / "trained")
+    rec = run_stage(ctx, "train", ModelRecord("base", "baseline", str(qwen3)), made="trained",
+                    out_dir=tmp_path / "s" / "models" / "trained")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     merged = AutoModelForCausalLM.from_pretrained(rec.path)
@@ -324,7 +327,7 @@ def test_qwen3_lora_trains_and_merges(qwen3, tmp_path):
 def test_qwen3_fidelity_matches_full_vocabulary_reference(qwen3, tmp_path):
     from quantstudy.config import FidelityConfig, ModelConfig, StudyConfig
     from quantstudy.runtime.context import RunContext
-    from quantstudy.stages.fidelity import fidelity_model
+    from quantstudy.study import run_stage
     from quantstudy.store import ModelRecord, Store
     from tests.tiny import text
 
@@ -335,7 +338,8 @@ def test_qwen3_fidelity_matches_full_vocabulary_reference(qwen3, tmp_path):
     fcfg = FidelityConfig(source=str(tmp_path / "t.txt"), tokens=200, context_length=64, top_k=vocab)
     cfg = StudyConfig(name="t", model=ModelConfig(source=str(qwen3)), fidelity=fcfg)
     ctx = RunContext(cfg, tmp_path, tmp_path, Store(tmp_path / "store.sqlite"), None, "cpu", Console(quiet=True))
-    fidelity_model(ctx, ModelRecord("rtn", "quantized", str(tmp_path / "rtn")), ModelRecord("base", "baseline", str(qwen3)))
+    run_stage(ctx, "fidelity", ModelRecord("rtn", "quantized", str(tmp_path / "rtn")),
+              parent=ModelRecord("base", "baseline", str(qwen3)))
     m = {n.removeprefix("fidelity."): v for _, n, v, _ in ctx.store.metrics("rtn") if n.startswith("fidelity.")}
     # reference: whole 64-token windows through the full models, float64 KL over the whole vocabulary
     from transformers import AutoModelForCausalLM
@@ -379,7 +383,8 @@ PEAK = textwrap.dedent("""
         m(input_ids=torch.tensor([[1, 2, 3]]))
     del m
     before = hwm()
-    fid.fidelity_model(ctx, ModelRecord("v", "quantized", str(d)), ModelRecord("base", "baseline", str(d)))
+    from quantstudy.study import run_stage
+    run_stage(ctx, "fidelity", ModelRecord("v", "quantized", str(d)), parent=ModelRecord("base", "baseline", str(d)))
     kl = [v for _, n, v, _ in ctx.store.metrics("v") if n == "fidelity.kl_mean"][0]
     print(json.dumps({{"before": before, "after": hwm(), "kl": kl}}))
 """)
@@ -438,7 +443,7 @@ def test_thinking_on_vs_off_in_one_study(qwen3, tmp_path, monkeypatch, shared_da
     (and, for some prompts, reasoning that runs into the token cap); the rest is the real stage."""
     from typer.testing import CliRunner
 
-    import quantstudy.stages.resolve as models
+    import quantstudy.runtime.modeldir as models
     from quantstudy.cli import app
     from quantstudy.store import Store
 

@@ -14,7 +14,7 @@ from quantstudy.scoring import kernels
 from quantstudy.config import load_config, parse_config
 from quantstudy.errors import QuantStudyError
 from quantstudy.scoring.fastscore import FastScorer
-from quantstudy.stages.resolve import load_pretrained
+from quantstudy.runtime.modeldir import load_pretrained
 from quantstudy.stages.quantize import check_group_size, linear_shapes, run_oneshot
 from quantstudy.config.schemes import activation_handling, bits_per_weight, prepare_loaded
 from quantstudy.study import key_of

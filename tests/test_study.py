@@ -79,27 +79,91 @@ def test_second_process_is_refused_while_locked(study):
 
 
 def test_remade_model_keeps_its_making_records_and_drops_old_results(study):
-    """A re-made model (new weights) loses what was computed on the old weights, but not what the
-    stage that re-made it recorded: loss curve, training and quantization metrics, per-layer errors
-    and calibration samples. (The study writes those first, then notices the new weights hash.)"""
-    from quantstudy.store import ItemRecord
+    """A re-made model (new weights) loses everything computed on the old weights, and its new
+    making records (metrics, per-layer errors, calibration, loss curve) arrive in the same
+    transaction. A re-make with the same weights keeps the results computed on them."""
+    from quantstudy.records import ItemBatch, MadeModel, Metric, Metrics
+    from quantstudy.store import ItemRecord, ModelRecord
+
+    def made(h: str, loss: list, layers: list) -> MadeModel:
+        return MadeModel(ModelRecord("q", "quantized", "/m/q", weights_hash=h), [Metric("quantize.seconds", len(loss))],
+                         layers=layers, calibration=[("s0", "h0")], series={"loss": loss})
 
     with Store(study.parent / "out" / "remade.sqlite") as s:
-        s.put_series("trained", "loss", [(1, 1.0), (2, 0.9), (3, 0.8)])
-        s.put_series("trained", "loss", [(1, 0.7), (2, 0.6)])  # a series is written whole
-        s.put_metric("trained", "train.seconds", 12.0)
-        s.put_metric("q", "quantize.seconds", 3.0)
-        s.put_layers("q", [("l0", 1.0, 0.1), ("l1", 2.0, 0.1)])
-        s.put_layers("q", [("l0", 0.5, 0.1)])
-        s.put_calibration("q", [("s0", "h0")])
-        for m in ("trained", "q"):
-            s.put_metric(m, "speed.latency_s", 0.5)
-            s.put_series(m, "fidelity.kl", [(0, 0.1)])
-            s.put_items(m, [ItemRecord("arc_easy", "1", "h", "p", "A", "A", True)])
-            s.forget_results(m)
-        assert s.series("trained", "loss") == [(1, 0.7), (2, 0.6)]
-        assert s.layers("q") == [("l0", 0.5, 0.1)] and s.calibration("q") == [("s0", "h0")]
-        kept = {(m, n) for m, n, _, _ in s.metrics()}
-        assert kept == {("trained", "train.seconds"), ("q", "quantize.seconds")}
-        assert all(not s.series(m, "fidelity.kl") for m in ("trained", "q"))
+        s.stage_start("k-old", "quantize", "q")
+        s.write(made("h1", [(1, 1.0), (2, 0.9), (3, 0.8)], [("l0", 1.0, 0.1), ("l1", 2.0, 0.1)]), "k-old")
+        s.stage_start("k-eval", "evaluate", "q")
+        s.write(ItemBatch("q", [ItemRecord("arc_easy", "1", "h", "p", "A", "A", True)]))
+        s.write(Metrics("q", [Metric("speed.latency_s", 0.5)]))
+        s.write(made("h1", [(1, 0.7), (2, 0.6)], [("l0", 0.5, 0.1)]), "k-same")  # same weights: results stay
+        assert s.db.execute("SELECT count(*) FROM items").fetchone()[0] == 1
+        assert {n for _, n, _, _ in s.metrics("q")} == {"quantize.seconds", "speed.latency_s"}
+        s.stage_start("k-new", "quantize", "q")
+        s.write(made("h2", [(1, 0.5)], [("l0", 0.25, 0.1)]), "k-new")  # new weights: old results go
+        assert s.series("q", "loss") == [(1, 0.5)]
+        assert s.layers("q") == [("l0", 0.25, 0.1)] and s.calibration("q") == [("s0", "h0")]
+        assert {(m, n, v) for m, n, v, _ in s.metrics()} == {("q", "quantize.seconds", 1.0)}
         assert not s.db.execute("SELECT count(*) FROM items").fetchone()[0]
+        assert [r["key"] for r in s.stages()] == ["k-new"]  # the stage now making it stays
+        assert s.model("q").spec["stage_key"] == "k-new"
+
+
+# ------------------------------------------------------------------ keys declared by their stage (#18)
+def _keys(tmp_path: Path, shared_data: Path, **evaluate) -> dict[tuple[str, str], str]:
+    """Stage keys of a small study with a trained, quantized and measured model (plan only)."""
+    from rich.console import Console
+
+    from quantstudy.config import parse_config
+    from quantstudy.runtime.context import RunContext
+    from quantstudy.study import plan
+
+    if not (tmp_path / "tiny").is_dir():
+        make_tiny_model(tmp_path / "tiny", hidden=64)
+    ev = {"tasks": [{"name": "arc_easy", "limit": 8}], "speed": {"prompts": 4, "max_new_tokens": 8}, **evaluate}
+    cfg = parse_config({"name": "k", "model": {"source": str(tmp_path / "tiny")}, "evaluate": ev,
+                        "quantize": [{"method": "rtn", "group_size": 32}], "fidelity": {"tokens": 256}})
+    ctx = RunContext(cfg, tmp_path / "s", tmp_path, Store(":memory:"), shared_data, "cpu", Console(quiet=True))
+    return {(s.stage, s.model): s.key for s in plan(ctx)}
+
+
+def test_speed_prompts_rekey_only_the_measure_stages(tmp_path, shared_data):
+    before = _keys(tmp_path, shared_data)
+    after = _keys(tmp_path, shared_data, speed={"prompts": 6, "max_new_tokens": 8})
+    changed = {k for k in before if before[k] != after[k]}
+    assert changed == {k for k in before if k[0] == "measure"} and changed
+
+
+def test_evaluation_settings_do_not_rekey_fidelity(tmp_path, shared_data):
+    before = _keys(tmp_path, shared_data)
+    after = _keys(tmp_path, shared_data, tasks=[{"name": "arc_easy", "limit": 16}], batch_size=4)
+    changed = {k for k in before if before[k] != after[k]}
+    assert changed == {k for k in before if k[0] == "evaluate"} and changed
+
+
+def test_stages_done_under_pre_18_keys_are_rekeyed_not_rerun(tmp_path, shared_data):
+    """A study made before keys moved next to their stage recomputes nothing: its evaluate and
+    fidelity stages, done under the old formulas, are re-keyed once and then count as cached."""
+    from rich.console import Console
+
+    from quantstudy.config import parse_config
+    from quantstudy.runtime.context import RunContext
+    from quantstudy.study import execute, plan
+
+    make_tiny_model(tmp_path / "tiny", hidden=64)
+    cfg = parse_config({"name": "k", "model": {"source": str(tmp_path / "tiny")},
+                        "evaluate": {"tasks": [{"name": "arc_easy", "limit": 8}], "speed": None},
+                        "quantize": [{"method": "rtn", "group_size": 32}], "fidelity": {"tokens": 256}})
+    with Store(tmp_path / "s.sqlite") as store:
+        ctx = RunContext(cfg, tmp_path / "s", tmp_path, store, shared_data, "cpu", Console(quiet=True))
+        steps = plan(ctx)
+        for s in steps:  # what a pre-#18 run left: every stage done, evaluate/fidelity under their old keys
+            key = s.legacy_key or s.key
+            store.stage_start(key, s.stage, s.model)
+            store.stage_finish(key)
+        assert all(s.cached for s in plan(ctx))
+        ran = []
+        execute(ctx, plan(ctx), lambda s: ran.append(s) or True)  # `wanted` sees every stage; none is run
+        assert all(s.seconds is None for s in ran)
+        assert all(store.stage_done(s.key) is not None for s in plan(ctx))
+        assert not any(store.stage_done(s.legacy_key) for s in steps if s.legacy_key not in (None, s.key))
+        assert any(s.legacy_key not in (None, s.key) for s in steps)  # fidelity: its old key hashed `evaluate`

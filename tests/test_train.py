@@ -18,6 +18,7 @@ from quantstudy.runtime.context import RunContext
 from quantstudy.errors import QuantStudyError
 from quantstudy.data.sources import Conversation
 from quantstudy.store import ModelRecord, Store
+from quantstudy.study import run_stage
 
 CHATML = ("{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n'}}{% endfor %}"
           "{% if add_generation_prompt %}{{'<|im_start|>assistant\n'}}{% endif %}")
@@ -84,7 +85,7 @@ def test_tiny_model_full_finetune_loss_goes_down(tok, tmp_path):
     cfg = TrainConfig(samples=12, method="full", batch_size=4, max_steps=15, learning_rate=3e-3, max_seq_len=64)
     model = tiny_model(tok)
     before = completion_nll(model, tok, samples)
-    trainer = train.run_sft(model, tok, samples, cfg, train.sft_args(cfg, tmp_path / "o", "cpu"), quiet())
+    trainer = train.run_sft(model, tok, samples, cfg, train.sft_args(cfg, tmp_path / "o", "cpu"), None)
     curve = train.loss_curve(trainer)
     assert [s for s, _ in curve] == list(range(1, 16))
     assert curve[-1][1] < curve[0][1] - 0.5
@@ -104,7 +105,7 @@ def test_train_model_lora_merged_saved_and_recorded(tok, tmp_path):
     store = Store(tmp_path / "study" / "store.sqlite")
     ctx = RunContext(cfg, tmp_path / "study", tmp_path, store, None, "cpu", quiet())
     base = ModelRecord("base", "baseline", str(base_dir))
-    rec = train.train_model(ctx, base, tmp_path / "study" / "models" / "trained")
+    rec = run_stage(ctx, "train", base, made="trained", out_dir=tmp_path / "study" / "models" / "trained")
 
     out = Path(rec.path)
     assert rec.role == "trained" and rec.parent == "base" and rec.spec["steps"] == 9
@@ -141,7 +142,7 @@ def test_lora_trained_on_bf16_base_merges_into_float32_weights(tok, tmp_path):
     cfg = TrainConfig(samples=4, batch_size=2, max_steps=2, learning_rate=1e-2, max_seq_len=64,
                       lora={"r": 4, "alpha": 8}, bf16_autocast=True)
     samples = [conv(i, q, a) for i, (q, a) in enumerate(PAIRS[:4])]
-    trainer, merged, _ = train.fit(tmp_path / "base", samples, cfg, "cpu", quiet(), tmp_path / "w")
+    trainer, merged, _ = train.fit(tmp_path / "base", samples, cfg, "cpu", None, tmp_path / "w")
     assert trainer.args.bf16 == train.bf16_supported("cpu")
     if trainer.args.bf16:
         assert trainer.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.bfloat16
@@ -173,7 +174,7 @@ def test_killed_training_resumes_from_its_checkpoint(tok, tmp_path, monkeypatch)
 
     def run(study: Path) -> tuple[dict, list, dict]:
         ctx = RunContext(cfg, study, tmp_path, Store(study / "s.sqlite"), None, "cpu", quiet())
-        rec = train.train_model(ctx, base, study / "trained")
+        rec = run_stage(ctx, "train", base, made="trained", out_dir=study / "trained")
         info = {n: i for _, n, _, i in ctx.store.metrics("trained")}["train.seconds"]
         return load_file(Path(rec.path) / "model.safetensors"), ctx.store.series("trained", "loss"), info
 
@@ -251,7 +252,7 @@ def test_one_row_per_forward_same_update_as_one_padded_forward(tok, tmp_path):
                           lr_scheduler="constant", rows_per_forward=rows)
         args = train.sft_args(cfg, tmp_path / f"o{rows}", "cpu", optim="sgd", warmup_steps=0, max_grad_norm=0.0)
         assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (rows, 4 // rows)
-        trainer = train.run_sft(tiny_model(tok, seed=5), tok, samples, cfg, args, quiet())
+        trainer = train.run_sft(tiny_model(tok, seed=5), tok, samples, cfg, args, None)
         losses[rows] = train.loss_curve(trainer)[0][1]
         deltas[rows] = {n: p.detach() - init[n] for n, p in trainer.model.named_parameters()}
     assert losses[4] == pytest.approx(before, rel=1e-4)
@@ -272,7 +273,7 @@ def test_rows_per_forward_same_batches_and_clear_error(tok, tmp_path):
     for rows in (4, 1):
         cfg = TrainConfig(samples=8, batch_size=4, max_steps=2, max_seq_len=64, rows_per_forward=rows)
         trainer = train.run_sft(tiny_model(tok), tok, samples, cfg, train.sft_args(cfg, tmp_path / f"b{rows}", "cpu"),
-                                quiet())
+                                None)
         loader = trainer.get_train_dataloader()
         ids = [tuple(map(tuple, b["input_ids"].tolist())) for b in loader]
         flat = [row for b in ids for row in b]
@@ -332,7 +333,7 @@ def test_missing_chat_template_is_a_clear_error(tok, tmp_path):
     plain = tok.__class__(tokenizer_object=tok.backend_tokenizer, eos_token="<|im_end|>", pad_token="<|im_end|>")
     cfg = TrainConfig(samples=1, max_steps=1)
     with pytest.raises(QuantStudyError, match="train.chat_template"):
-        train.run_sft(tiny_model(tok), plain, [conv(0, "a", "b")], cfg, train.sft_args(cfg, tmp_path, "cpu"), quiet())
+        train.run_sft(tiny_model(tok), plain, [conv(0, "a", "b")], cfg, train.sft_args(cfg, tmp_path, "cpu"), None)
 
 
 # ----------------------------------------------------------------------------- data
@@ -436,12 +437,12 @@ def test_user_file_with_an_evaluated_question_names_it(shared_data, tmp_path):
 def test_smollm2_lora_trains_merges_and_evaluates(smollm2_dir, shared_data, tmp_path):
     """LoRA SFT of SmolLM2-135M on 32 OpenMathInstruct-2 samples (4 steps); the merged model
     reloads and its completion perplexity on 16 held-out rows stays finite and does not degrade."""
-    from quantstudy.stages.resolve import load_pretrained
+    from quantstudy.runtime.modeldir import load_pretrained
 
     cfg = parse_config({"name": "t", "model": {"source": str(smollm2_dir)}, "evaluate": None,
                         "train": {"samples": 32, "max_steps": 4}})
     ctx = RunContext(cfg, tmp_path, tmp_path, Store(tmp_path / "s.sqlite"), shared_data, "cpu", quiet())
-    rec = train.train_model(ctx, ModelRecord("base", "baseline", str(smollm2_dir)), tmp_path / "models" / "trained")
+    rec = run_stage(ctx, "train", ModelRecord("base", "baseline", str(smollm2_dir)), made="trained", out_dir=tmp_path / "models" / "trained")
     used = {c.id for c in train.plan_samples(ctx)[0]}
     held = [c for c in train_data.load_pool(cfg.train, shared_data, tmp_path) if c.id not in used][:16]
     base_m, tok = load_pretrained(smollm2_dir)

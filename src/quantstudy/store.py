@@ -2,7 +2,8 @@
 
 One file per study (`<study_dir>/store.sqlite`). Every write is one transaction, so a
 killed process leaves either the old or the new state, never half a row set. A stage
-is recorded `done` only after its artifact was renamed into place (see study.py).
+is recorded `done` only after its artifact was renamed into place (see study.py). Stages
+never write here: they return records (records.py) and the driver calls `write` for each.
 
 Tables
   meta(key, value)                        schema version, versions, hardware
@@ -20,11 +21,11 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from quantstudy.errors import QuantStudyError
+from quantstudy.records import ItemBatch, ItemRecord, MadeModel, Metric, Metrics, ModelRecord, Note, Record
 
 SCHEMA_VERSION = 1
 
@@ -50,34 +51,6 @@ CREATE TABLE IF NOT EXISTS calibration(
 CREATE TABLE IF NOT EXISTS series(
   model TEXT, name TEXT, step REAL, value REAL, PRIMARY KEY(model, name, step));
 """
-
-
-@dataclass
-class ModelRecord:
-    name: str
-    role: str  # "baseline" | "trained" | "quantized"
-    path: str
-    parent: str | None = None  # the model this one was derived from
-    spec: dict[str, Any] = field(default_factory=dict)  # variant settings, source, ...
-    size_bytes: int | None = None  # weight files on disk
-    weights_hash: str | None = None
-    versions: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class ItemRecord:
-    task: str
-    item_id: str
-    item_hash: str  # hash of the item's content (question + choices + gold)
-    prompt_hash: str  # hash of the exact prompt text sent to the model
-    gold: str
-    prediction: str
-    correct: bool | None  # None for items without right/wrong (perplexity windows)
-    score: float | None = None  # continuous per-item metric (F1, NLL, ...)
-    details: dict[str, Any] = field(default_factory=dict)  # loglikelihoods, text, ...
-    n_tokens: int | None = None  # generated tokens (generative tasks)
-    hit_max: bool | None = None  # generation stopped at max_new_tokens
-    latency_s: float | None = None
 
 
 class Store:
@@ -149,6 +122,10 @@ class Store:
         self.db.execute("UPDATE stages SET status='done', artifact=?, finished=?, info=? WHERE key=?",
                         (artifact, time.time(), json.dumps(info or {}), key))
 
+    def rekey_stage(self, old: str, new: str) -> None:
+        """A done stage keeps its results under a new key (a key formula changed, inputs did not)."""
+        self.db.execute("UPDATE stages SET key=? WHERE key=?", (new, old))
+
     def stages(self) -> list[dict[str, Any]]:
         cur = self.db.execute("SELECT key, stage, model, status, artifact, started, finished, info FROM stages")
         cols = [d[0] for d in cur.description]
@@ -181,11 +158,8 @@ class Store:
 
     # ---------------------------------------------------------------- items
     def put_items(self, model: str, rows: Iterable[ItemRecord]) -> None:
-        data = [(model, r.task, r.item_id, r.item_hash, r.prompt_hash, r.gold, r.prediction,
-                 None if r.correct is None else int(r.correct), r.score, json.dumps(r.details), r.n_tokens,
-                 None if r.hit_max is None else int(r.hit_max), r.latency_s) for r in rows]
         with self.tx():
-            self.db.executemany("INSERT OR REPLACE INTO items VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?)", data)
+            self._put_items(model, rows)
 
     def items(self, model: str | None = None, task: str | None = None) -> Iterator[tuple[str, ItemRecord]]:
         q, conds, args = "SELECT * FROM items", [], []
@@ -200,10 +174,6 @@ class Store:
                                    prediction=r[6], correct=None if r[7] is None else bool(r[7]), score=r[8],
                                    details=json.loads(r[9] or "{}"), n_tokens=r[10],
                                    hit_max=None if r[11] is None else bool(r[11]), latency_s=r[12])
-
-    def done_item_ids(self, model: str, task: str) -> set[str]:
-        rows = self.db.execute("SELECT item_id FROM items WHERE model=? AND task=?", (model, task))
-        return {r[0] for r in rows}
 
     # ---------------------------------------------------------------- per-layer, calibration, series
     def put_layers(self, model: str, rows: Iterable[tuple[str, float | None, float | None]]) -> None:
@@ -237,17 +207,62 @@ class Store:
                                     (model, name)))
 
 
-    def forget_results(self, model: str) -> None:
-        """Drop everything computed on a model's old weights (it was re-made), but not what the
-        stage that just re-made it recorded about the making: training metrics and loss curve,
-        quantization metrics, per-layer errors and calibration samples (each written whole)."""
+    # ---------------------------------------------------------------- the one writer
+    def write(self, rec: Record, stage_key: str | None = None) -> None:
+        """Write one record of a stage, in one transaction (the driver's only way in)."""
+        if isinstance(rec, Note):
+            return
         with self.tx():
-            self.db.execute("DELETE FROM items WHERE model=?", (model,))
-            self.db.execute("DELETE FROM metrics WHERE model=? AND name NOT LIKE 'train.%' "
-                            "AND name NOT LIKE 'quantize.%'", (model,))
-            self.db.execute("DELETE FROM series WHERE model=? AND name != 'loss'", (model,))
-            self.db.execute("DELETE FROM stages WHERE model=? AND stage NOT IN ('resolve','train','quantize')",
-                            (model,))
+            if isinstance(rec, MadeModel):
+                self._made(rec, stage_key)
+            elif isinstance(rec, ItemBatch):
+                self._put_items(rec.model, rec.rows)
+                self._put_metrics(rec.model, rec.metrics)
+            elif isinstance(rec, Metrics):
+                self._put_metrics(rec.model, rec.metrics)
+            else:
+                raise TypeError(f"not a stage record: {type(rec).__name__}")
+
+    def _made(self, rec: MadeModel, stage_key: str | None) -> None:
+        """A model made anew: everything computed on its previous weights goes, then the model and
+        what its making recorded. Same weights (a re-make that changed nothing): results stay."""
+        m, old = rec.model, self.model(rec.model.name)
+        if stage_key is not None:
+            m.spec = {**m.spec, "stage_key": stage_key}
+        if old is None or old.weights_hash != m.weights_hash:
+            self._forget(m.name, keep_stage=stage_key)
+        self.db.execute(
+            "INSERT OR REPLACE INTO models VALUES(?,?,?,?,?,?,?,?,?)",
+            (m.name, m.role, m.parent, m.path, json.dumps(m.spec), m.size_bytes, m.weights_hash,
+             json.dumps(m.versions), time.time()))
+        self._put_metrics(m.name, rec.metrics)
+        if rec.layers is not None:
+            self.db.execute("DELETE FROM layers WHERE model=?", (m.name,))
+            self.db.executemany("INSERT OR REPLACE INTO layers VALUES(?,?,?,?)", [(m.name, *r) for r in rec.layers])
+        if rec.calibration is not None:
+            self.db.execute("DELETE FROM calibration WHERE model=?", (m.name,))
+            self.db.executemany("INSERT INTO calibration VALUES(?,?,?,?)",
+                                [(m.name, i, sid, h) for i, (sid, h) in enumerate(rec.calibration)])
+        for name, points in rec.series.items():
+            self.db.execute("DELETE FROM series WHERE model=? AND name=?", (m.name, name))
+            self.db.executemany("INSERT OR REPLACE INTO series VALUES(?,?,?,?)",
+                                [(m.name, name, s, v) for s, v in points])
+
+    def _forget(self, model: str, keep_stage: str | None) -> None:
+        """Everything recorded about a model, except the stage now making it (a plain delete)."""
+        for table in ("items", "metrics", "series", "layers", "calibration"):
+            self.db.execute(f"DELETE FROM {table} WHERE model=?", (model,))
+        self.db.execute("DELETE FROM stages WHERE model=? AND key IS NOT ?", (model, keep_stage))
+
+    def _put_metrics(self, model: str, metrics: list[Metric]) -> None:
+        self.db.executemany("INSERT OR REPLACE INTO metrics VALUES(?,?,?,?)",
+                            [(model, m.name, m.value, json.dumps(m.info or {})) for m in metrics])
+
+    def _put_items(self, model: str, rows: Iterable[ItemRecord]) -> None:
+        data = [(model, r.task, r.item_id, r.item_hash, r.prompt_hash, r.gold, r.prediction,
+                 None if r.correct is None else int(r.correct), r.score, json.dumps(r.details), r.n_tokens,
+                 None if r.hit_max is None else int(r.hit_max), r.latency_s) for r in rows]
+        self.db.executemany("INSERT OR REPLACE INTO items VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?)", data)
 
 
 class _Tx:
@@ -261,6 +276,3 @@ class _Tx:
     def __exit__(self, exc_type: object, *rest: object) -> None:
         self.db.execute("ROLLBACK" if exc_type else "COMMIT")
 
-
-def as_dict(obj: Any) -> dict[str, Any]:
-    return asdict(obj)

@@ -1,31 +1,47 @@
-"""The study recipe, top to bottom: model -> [train] -> quantize -> evaluate -> fidelity -> report.
+"""The study recipe, top to bottom: model -> [train] -> quantize -> evaluate -> measure -> fidelity -> report.
 
-Each stage's output is cached in the store under a key that hashes everything that can
-change it (model content, settings, data sample ids, library versions). A stage whose key
-is recorded `done` is skipped, so a re-run computes only what changed and a killed run
-resumes where it stopped (artifacts are renamed into place before `done` is recorded).
+`plan` lists the stages the study needs, each under a key that hashes what can change its
+output: the model it works on, the config its stage declares (`Stage.key_inputs`, next to
+the stage's code), the data and the library versions. A stage whose key is recorded `done`
+is skipped, so a re-run computes only what changed and a killed run resumes where it
+stopped. `execute` runs the rest in order; this module is the only writer of the store:
+each stage yields records (records.py) and each record is written in one transaction.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from quantstudy.runtime import environment
 from quantstudy.data.calibration import check_held_out
 from quantstudy.config import LMEvalTaskSpec
+from quantstudy.records import MadeModel, Note
 from quantstudy.runtime.context import RunContext
-from quantstudy.stages.resolve import (SourceKind, check_model_dir, classify, file_sha256, builtin_gguf,
-                               resolve_source, weights_hash, weights_size)
+from quantstudy.runtime.modeldir import check_model_dir, file_sha256
+from quantstudy.stages.protocol import Job, Stage, StageName
+from quantstudy.stages.resolve import SourceKind, builtin_gguf, classify
 from quantstudy.store import ModelRecord
 from quantstudy.config.variants import Variant, expand_variants
 
 BASE, TRAINED = "base", "trained"
+
+# The stages, in recipe order: each module's `Stage` (name, key inputs, run). Imported when a
+# plan needs them, so `quantstudy plan` does not load torch and transformers for a train stage
+# it only lists.
+STAGES = {StageName.resolve: "quantstudy.stages.resolve", StageName.train: "quantstudy.stages.train",
+          StageName.quantize: "quantstudy.stages.quantize", StageName.evaluate: "quantstudy.stages.evaluate",
+          StageName.measure: "quantstudy.stages.measure", StageName.fidelity: "quantstudy.stages.fidelity"}
+
+
+def stage(name: StageName | str) -> Stage:
+    return importlib.import_module(STAGES[StageName(name)]).Stage()
 
 
 def key_of(*parts: object) -> str:
@@ -41,6 +57,7 @@ class Step:
     seconds: float | None = None
     note: str = ""
     parents: list[str] = field(default_factory=list)
+    legacy_key: str | None = None  # the key this stage had before keys moved next to their stage (#18)
 
 
 def source_fingerprint(ctx: RunContext) -> str:
@@ -69,11 +86,11 @@ def lmeval_plan_check(spec: LMEvalTaskSpec, config_dir: Path, trust: bool) -> st
 
 def plan(ctx: RunContext) -> list[Step]:
     """The ordered list of stages the study needs, each marked cached or to run."""
-    cfg, store, versions = ctx.cfg, ctx.store, environment.versions()
+    cfg, versions = ctx.cfg, environment.versions()
     variants = expand_variants(cfg)
     check_held_out(cfg, [(f"quantize: {v.name}: calibration.source", v.calibration) for v in variants
                          if v.calibration is not None], offline=ctx.data_dir is not None)
-    steps = [Step("resolve", BASE, key_of("resolve", source_fingerprint(ctx), m_dtype(ctx)))]
+    steps = [Step("resolve", BASE, key_of("resolve", source_fingerprint(ctx), *stage("resolve").key_inputs(cfg)))]
     # model-level chat template variables and reasoning markers shape what later stages render and
     # score; they join those keys only when set, so keys of studies that predate them do not change
     tpl = [cfg.model.chat_template_kwargs] if cfg.model.chat_template_kwargs else []
@@ -84,35 +101,58 @@ def plan(ctx: RunContext) -> list[Step]:
     lmeval = [lmeval_plan_check(s, ctx.config_dir, cfg.evaluate.trust_task_code)
               for s in (cfg.evaluate.lmeval_specs() if cfg.evaluate else [])]
     if cfg.train is not None:
-        steps.append(Step("train", TRAINED, key_of("train", steps[0].key, cfg.train, versions, *tpl), parents=[BASE]))
+        steps.append(Step("train", TRAINED, key_of("train", steps[0].key, *stage("train").key_inputs(cfg), versions, *tpl),
+                          parents=[BASE]))
         roots.append((TRAINED, steps[-1].key))
     for root, root_key in roots:
         for v in variants:
             name = v.name if root == BASE else f"{TRAINED}-{v.name}"
-            steps.append(Step("quantize", name, key_of("quantize", root_key, v, versions, *tpl), parents=[root]))
+            steps.append(Step("quantize", name, key_of("quantize", root_key, v, *stage("quantize").key_inputs(cfg),
+                                                       versions, *tpl), parents=[root]))
     model_keys = {s.model: s.key for s in steps}
     parent_of = {s.model: s.parents[0] for s in steps if s.parents}
     for name, mkey in list(model_keys.items()):
         if cfg.evaluate is not None:
-            steps.append(Step("evaluate", name, key_of("evaluate", mkey, cfg.evaluate, ctx.data_id, versions,
-                                                       *tpl, *think, *lmeval)))
+            context = (ctx.data_id, versions, *tpl, *think, *lmeval)
+            steps.append(Step("evaluate", name, key_of("evaluate", mkey, *stage("evaluate").key_inputs(cfg), *context),
+                              legacy_key=key_of("evaluate", mkey, cfg.evaluate, *context)))
             if cfg.evaluate.speed is not None:
                 # a derived model is measured paired with its parent (same window, interleaved)
                 parent = parent_of.get(name)
                 pair = [model_keys[parent]] if parent else []
                 # "paired": figures measured before the paired, packed-kernel method are not reused
                 # a root's key also says its bf16/float32 pairing is recorded (speed.bf16_vs_float32)
-                steps.append(Step("measure", name, key_of("measure", "paired", mkey, cfg.evaluate.speed, versions,
-                                                          *tpl, *(pair or ["bf16-vs-float32"])),
+                steps.append(Step("measure", name, key_of("measure", "paired", mkey, *stage("measure").key_inputs(cfg),
+                                                          versions, *tpl, *(pair or ["bf16-vs-float32"])),
                                   parents=[parent] if parent else []))
     if cfg.fidelity is not None:
         for s in [s for s in steps if s.stage == "quantize"]:
             parent = s.parents[0]
-            steps.append(Step("fidelity", s.model, key_of("fidelity", s.key, model_keys[parent], cfg.fidelity,
-                                                           cfg.evaluate, ctx.data_id, versions), parents=[parent]))
+            pair_keys = (s.key, model_keys[parent])
+            steps.append(Step("fidelity", s.model, key_of("fidelity", *pair_keys, *stage("fidelity").key_inputs(cfg),
+                                                           ctx.data_id, versions), parents=[parent],
+                              legacy_key=key_of("fidelity", *pair_keys, cfg.fidelity, cfg.evaluate, ctx.data_id,
+                                                versions)))
     for s in steps:
-        s.cached = is_done(ctx, s)
+        s.cached = is_done(ctx, s) or bool(s.legacy_key and is_done(ctx, Step(s.stage, s.model, s.legacy_key)))
     return steps
+
+
+def migrate_keys(ctx: RunContext, steps: list[Step]) -> None:
+    """One-time: a stage done under its pre-#18 key is re-keyed, not recomputed. Old evaluate keys
+    hashed the speed settings too, old fidelity keys the evaluation settings (for answer-level
+    metrics the report now computes): the old key's inputs include the new one's, so its results hold."""
+    moved = [s for s in steps if s.legacy_key and not is_done(ctx, s)
+             and is_done(ctx, Step(s.stage, s.model, s.legacy_key))]
+    if not moved:
+        return
+    with ctx.store.tx():
+        for s in moved:
+            ctx.store.rekey_stage(s.legacy_key, s.key)
+    kinds = ", ".join(f"{sum(s.stage == k for s in moved)} {k}" for k in dict.fromkeys(s.stage for s in moved))
+    ctx.console.print(f"[dim]store: re-keyed {kinds} stage(s) to keys declared by their stage (evaluate keys no "
+                      "longer hash speed settings, fidelity keys no longer hash evaluation settings); nothing "
+                      "is recomputed[/]", highlight=False, soft_wrap=True)
 
 
 def is_done(ctx: RunContext, step: Step) -> bool:
@@ -121,63 +161,82 @@ def is_done(ctx: RunContext, step: Step) -> bool:
     return done is not None and (not done.get("artifact") or Path(done["artifact"]).exists())
 
 
-def m_dtype(ctx: RunContext) -> str:
-    return ctx.cfg.model.dtype.value
-
-
 def variant_of(ctx: RunContext, name: str) -> Variant:
     plain = name.removeprefix(f"{TRAINED}-")
     return next(v for v in expand_variants(ctx.cfg) if v.name == plain)
 
 
+def job_for(ctx: RunContext, step: Step) -> Job:
+    """The plain data a stage runs on: the models it reads, the variant, where a made model goes,
+    and (evaluate) the items already stored, so a resumed run scores only the rest."""
+    models_dir = ctx.study_dir / "models"
+    kw: dict[str, Any] = {}
+    if step.stage in ("resolve", "train", "quantize"):
+        models_dir.mkdir(parents=True, exist_ok=True)
+        kw["out_dir"] = models_dir / step.model if step.stage != "resolve" else models_dir
+    if step.stage in ("train", "quantize"):
+        kw["model"] = _model(ctx, step.parents[0])  # the model it is made from
+    if step.stage == "quantize":
+        kw["variant"] = variant_of(ctx, step.model)
+    if step.stage in ("evaluate", "measure", "fidelity"):
+        kw["model"] = _model(ctx, step.model)
+        kw["parent"] = _model(ctx, step.parents[0]) if step.parents else None
+    if step.stage == "evaluate":
+        stored: dict[str, dict[str, Any]] = {}
+        for _, r in ctx.store.items(step.model):
+            stored.setdefault(r.task, {})[r.item_id] = r
+        kw["stored"] = stored
+    return ctx.job(StageName(step.stage), step.model, **kw)
+
+
+def drive(ctx: RunContext, job: Job, key: str | None = None) -> str | None:
+    """Run one stage's job and write what it yields, each record in one transaction (the one
+    writer). Returns the path of the model it made, if any."""
+    from quantstudy.runtime.progress import make_progress
+
+    artifact = None
+    with make_progress(ctx.console) as view:  # rich bars on a terminal, timed plain lines elsewhere
+        job.progress = view
+        for rec in stage(job.stage).run(job):
+            if isinstance(rec, Note):
+                ctx.console.print(rec.text, highlight=False, soft_wrap=True)
+                continue
+            ctx.store.write(rec, key)
+            if isinstance(rec, MadeModel):
+                artifact = rec.model.path
+    return artifact
+
+
+def run_stage(ctx: RunContext, name: StageName | str, model: ModelRecord, *, parent: ModelRecord | None = None,
+              made: str | None = None, variant: Variant | None = None, out_dir: Path | None = None) -> ModelRecord | None:
+    """One stage outside a plan (tests, benchmarks), its records written as `execute` writes them.
+    `model`: the model it works on (train/quantize: the one it makes `made` from, into `out_dir`).
+    Returns the made model's record (make stages) or `model`'s, as stored."""
+    sname = StageName(name)
+    stored: dict[str, dict[str, Any]] = {}
+    if sname is StageName.evaluate:
+        for _, r in ctx.store.items(model.name):
+            stored.setdefault(r.task, {})[r.item_id] = r
+    job = ctx.job(sname, made or model.name, model=model, parent=parent, variant=variant, out_dir=out_dir,
+                  stored=stored)
+    drive(ctx, job)
+    return ctx.store.model(made or model.name)
+
+
 def run_step(ctx: RunContext, step: Step) -> None:
-    """Run one stage and record it done (the artifact is already in place when it returns)."""
-    store, models_dir = ctx.store, ctx.study_dir / "models"
-    models_dir.mkdir(parents=True, exist_ok=True)
-    store.stage_start(step.key, step.stage, step.model)
+    """Run one stage and record it done (a made model is already in place when its record arrives)."""
+    ctx.store.stage_start(step.key, step.stage, step.model)
     t0 = time.perf_counter()
-    artifact: str | None = None
-    if step.stage == "resolve":
-        path = resolve_source(ctx.cfg.model.source, ctx.cfg.model.revision, ctx.config_dir, models_dir)
-        rec = ModelRecord(BASE, "baseline", str(path), spec={"source": ctx.cfg.model.source,
-                          "kind": classify(ctx.cfg.model.source, ctx.config_dir).value, "describe": "baseline"},
-                          size_bytes=weights_size(path), weights_hash=weights_hash(path),
-                          versions=environment.versions())
-        _replace_model(ctx, rec, step.key)
-        artifact = str(path)
-    elif step.stage == "train":
-        from quantstudy.stages.train import train_model
-
-        rec = train_model(ctx, _model(ctx, step.parents[0]), models_dir / TRAINED)
-        rec.name, rec.size_bytes = TRAINED, weights_size(Path(rec.path))
-        rec.weights_hash, rec.versions = weights_hash(Path(rec.path)), environment.versions()
-        _replace_model(ctx, rec, step.key)
-        artifact = rec.path
-    elif step.stage == "quantize":
+    job = job_for(ctx, step)
+    bar: Any = contextlib.nullcontext()
+    if step.stage == "quantize" and job.variant.calibration is not None:  # RTN calibrates nothing
         from quantstudy.runtime.progress import calibration_progress
-        from quantstudy.stages.quantize import quantize_model
 
-        v, parent = variant_of(ctx, step.model), _model(ctx, step.parents[0])
-        bar = (calibration_progress(ctx.console, f"{step.model} · calibrated layers", _layers(parent))
-               if v.calibration is not None else contextlib.nullcontext())  # RTN calibrates nothing
-        with bar:
-            rec = quantize_model(ctx, v, parent, step.model, models_dir / step.model)
-        _replace_model(ctx, rec, step.key)
-        artifact = rec.path
-    elif step.stage == "evaluate":
-        from quantstudy.stages.evaluate import evaluate_model
-
-        evaluate_model(ctx, _model(ctx, step.model))
-    elif step.stage == "measure":
-        from quantstudy.stages.measure import measure_model
-
-        measure_model(ctx, _model(ctx, step.model), _model(ctx, step.parents[0]) if step.parents else None)
-    elif step.stage == "fidelity":
-        from quantstudy.stages.fidelity import fidelity_model
-
-        fidelity_model(ctx, _model(ctx, step.model), _model(ctx, step.parents[0]))
+        bar = calibration_progress(ctx.console, f"{step.model} · calibrated layers", _layers(job.model))
+    with bar:
+        artifact = drive(ctx, job, step.key)
     step.seconds = time.perf_counter() - t0
-    store.stage_finish(step.key, artifact, {"seconds": step.seconds})
+    ctx.store.stage_finish(step.key, artifact, {"seconds": step.seconds})
 
 
 def _layers(rec: ModelRecord) -> int:
@@ -190,15 +249,6 @@ def _model(ctx: RunContext, name: str) -> ModelRecord:
     rec = ctx.store.model(name)
     assert rec is not None, f"stage order: model {name} has not been produced yet"
     return rec
-
-
-def _replace_model(ctx: RunContext, rec: ModelRecord, key: str) -> None:
-    """A model made anew invalidates every result computed on its previous weights."""
-    old = ctx.store.model(rec.name)
-    rec.spec = {**rec.spec, "stage_key": key}
-    if old is not None and old.weights_hash != rec.weights_hash:
-        ctx.store.forget_results(rec.name)
-    ctx.store.put_model(rec)
 
 
 def run_study(ctx: RunContext, formats: set[str] | None = None) -> list[Step]:
@@ -218,6 +268,7 @@ def execute(ctx: RunContext, steps: list[Step], wanted: Callable[[Step], bool] =
     from quantstudy.runtime.progress import Heartbeat, clock, headline
 
     out, con = ctx.output, ctx.console
+    migrate_keys(ctx, steps)
     chosen = [s for s in steps if wanted(s)]
     todo = [s for s in chosen if not s.cached]
     con.print(f"[bold]{ctx.cfg.name}[/]: {len(chosen)} stages, {len(chosen) - len(todo)} cached, {len(todo)} to run")

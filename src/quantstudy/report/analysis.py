@@ -18,6 +18,7 @@ from quantstudy.errors import QuantStudyError
 from quantstudy.config import DecisionConfig
 from quantstudy.report import decide, deploy, items
 from quantstudy.report.items import Comparison, Kind, Metric, Score
+from quantstudy.report.answers import answer_metrics
 from quantstudy.store import ModelRecord, Store
 
 
@@ -357,6 +358,8 @@ def _deployment(a: Analysis, store: Store, by_model: dict) -> None:
         if "activations.evaluate" in metrics[m.name]:
             m.eval_activations = metrics[m.name]["activations.evaluate"][1]
         fid = {n.removeprefix("fidelity."): v for n, (v, _) in metrics[m.name].items() if n.startswith("fidelity.")}
+        if fid and m.parent:  # answer level: read off the stored items of both models (answers.py)
+            fid.update({k: v for k, (v, _) in answer_metrics(store, m.name, m.parent).items()})
         if fid:
             a.fidelity[m.name] = fid
         if m.role == "trained":

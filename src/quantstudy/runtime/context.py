@@ -1,4 +1,5 @@
-"""The one object every stage receives: config, study directory, store, device, console."""
+"""The driver's context: config, study directory, store, device, console. Stages never see it: they get
+a `Job` (stages/protocol.py), plain data built from it by `RunContext.job`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 from rich.console import Console
 
 from quantstudy.config import StudyConfig
+from quantstudy.stages.protocol import Job, StageName
 from quantstudy.store import Store
 
 
@@ -35,3 +37,8 @@ class RunContext:
         p = self.study_dir / "cache"
         p.mkdir(parents=True, exist_ok=True)
         return p
+
+    def job(self, stage: StageName, name: str, **kw: Any) -> Job:
+        """A stage's job on model `name`, carrying this run's paths and settings (kw: the Job's other fields)."""
+        return Job(stage, name, self.cfg, self.study_dir, self.config_dir, self.data_dir, self.device,
+                   debug=self.debug, **kw)

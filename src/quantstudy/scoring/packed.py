@@ -212,7 +212,7 @@ def _read_exact(h: Any, buf: Any, f: Path, key: str) -> None:
     """readinto may return fewer bytes (a truncated file ends early): that is a damaged file, not zeros."""
     got = h.readinto(buf)
     if got != buf.nbytes:
-        from quantstudy.stages.resolve import DAMAGED_FIX
+        from quantstudy.runtime.modeldir import DAMAGED_FIX
 
         raise QuantStudyError(f"safetensors file is truncated: tensor {key} has {got} of {buf.nbytes} bytes",
                               field="model path", value=str(f), fix=DAMAGED_FIX)
@@ -234,7 +234,7 @@ def load_packed(path: Path, device: str = "cpu", trust_remote_code: bool = False
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from quantstudy.stages.resolve import check_model_dir
+    from quantstudy.runtime.modeldir import check_model_dir
 
     path = Path(path)
     check_model_dir(path, field="model path")  # a damaged config or safetensors file: one clear error

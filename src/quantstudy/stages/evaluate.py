@@ -3,28 +3,30 @@
 For each task: select the items (same for every model of the study: first N, or a sample
 drawn with the evaluation seed), build lm-eval-style prompts (few-shot drawn with the same
 seeded sampler as lm-eval), skip items the store already holds with the same prompt, score
-the rest in batches through a `Scorer` and write each batch as one transaction, so a killed
-run keeps what it scored. Aggregates are recomputed from the store over the selected items.
+the rest in batches through a `Scorer` and yield each batch as a record (the driver writes it
+in one transaction, so a killed run keeps what it scored). Aggregates are computed over the
+selected items, stored and new.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from quantstudy import store as st
-from quantstudy.config import EvalBackend, LimitMode, TaskSpec
-from quantstudy.runtime.context import RunContext
+from quantstudy.config import EvalBackend, LimitMode, StudyConfig, TaskSpec
+from quantstudy.records import ItemBatch, Metric, Metrics, Record
 from quantstudy.errors import QuantStudyError
 from quantstudy.scoring.protocol import GenRequest, LLRequest, Scorer
 from quantstudy.tasks import Item, Kind, Task, build_context, continuation_prefix, get_task, pick_fewshot
 from quantstudy.data.chat import Think, kwargs_tag, merged_kwargs, render
 from quantstudy.tasks.base import ChatFn, sha
 from quantstudy.runtime.faults import failpoint
-from quantstudy.runtime.progress import make_progress
+from quantstudy.stages.protocol import Job, StageName
 
 
 @dataclass(frozen=True)
@@ -38,13 +40,13 @@ class Prompt:
         return sha(self.context + "\x00" + self.tag) if self.tag else sha(self.context)
 
 
-def make_scorer(ctx: RunContext, model: Any, tokenizer: Any) -> Scorer:
+def make_scorer(ctx: Job, model: Any, tokenizer: Any) -> Scorer:
     bs = ctx.cfg.evaluate.batch_size if ctx.cfg.evaluate else 16
     if ctx.cfg.evaluate is None or ctx.cfg.evaluate.backend is EvalBackend.fast:
         try:
             from quantstudy.scoring.fastscore import FastScorer
         except ImportError:
-            ctx.console.print("[yellow]note:[/] quantstudy.scoring.fastscore is not available; scoring with lm-eval's HFLM")
+            logging.getLogger(__name__).warning("quantstudy.scoring.fastscore is not available; scoring with lm-eval's HFLM")
         else:
             return FastScorer(model, tokenizer, batch_size=bs, device=ctx.device)
     from quantstudy.scoring.lmeval_backend import LMEvalScorer
@@ -52,7 +54,7 @@ def make_scorer(ctx: RunContext, model: Any, tokenizer: Any) -> Scorer:
     return LMEvalScorer(model, tokenizer, batch_size=bs, device=ctx.device)
 
 
-def select_items(ctx: RunContext, spec: TaskSpec) -> list[Item]:
+def select_items(ctx: Job, spec: TaskSpec) -> list[Item]:
     """The task's items after `limit`; identical for every model (depends on data, seed, limit only)."""
     items = get_task(spec.name).eval_items(ctx.data_dir)
     n = spec.limit
@@ -74,7 +76,7 @@ def chat_fn(tokenizer: Any, kwargs: dict[str, Any] | None = None) -> ChatFn:
     return lambda msgs: render(tokenizer, msgs, kwargs)
 
 
-def think_tag(ctx: RunContext, task: Task) -> str:
+def think_tag(ctx: Job, task: Task) -> str:
     """Reasoning markers in the prompt hash of generative tasks, only when they differ from the
     defaults (so results stored before they existed stay fresh)."""
     changed = ctx.cfg.model.think_markers_changed()
@@ -161,8 +163,9 @@ def _fresh(rec: st.ItemRecord | None, p: Prompt, task: Task, max_new: int) -> bo
 class _Model:
     """Loads the model only when some item actually needs scoring (a finished run loads nothing)."""
 
-    def __init__(self, ctx: RunContext, rec: st.ModelRecord):
+    def __init__(self, ctx: Job, rec: st.ModelRecord):
         self.ctx, self.rec, self._scorer, self._tok = ctx, rec, None, None
+        self.loaded: Metrics | None = None  # what loading found out, for the driver to store
 
     def tokenizer(self) -> Any:
         if self._tok is None:
@@ -174,7 +177,7 @@ class _Model:
 
     def scorer(self) -> Scorer:
         if self._scorer is None:
-            from quantstudy.stages.resolve import load_pretrained
+            from quantstudy.runtime.modeldir import load_pretrained
 
             cfg = self.ctx.cfg.model
             model, self._tok = load_pretrained(Path(self.rec.path), device=self.ctx.device, dtype=cfg.dtype.value,
@@ -183,54 +186,61 @@ class _Model:
 
             # what the scored model does to its activations, read off the loaded modules (#22)
             handling = prepare_loaded(model)
-            self.ctx.store.put_metric(self.rec.name, "activations.evaluate",
-                                      float(handling["activations_quantized"]), handling)
+            self.loaded = Metrics(self.rec.name, [Metric("activations.evaluate",
+                                                         float(handling["activations_quantized"]), handling)])
             self._scorer = make_scorer(self.ctx, model, self._tok)
         return self._scorer
 
 
-def evaluate_model(ctx: RunContext, model: st.ModelRecord) -> None:
-    ecfg = ctx.cfg.evaluate
+def evaluate_model(ctx: Job) -> Iterator[Record]:
+    """Score `ctx.model` on every configured task; yields item batches, then each task's metrics."""
+    ecfg, model = ctx.cfg.evaluate, ctx.model
     if ecfg is None:
         return
-    lazy = _Model(ctx, model)
-    with make_progress(ctx.console) as progress:  # rich bars on a terminal, timed plain lines elsewhere
-        for spec in ecfg.task_specs():
-            task = get_task(spec.name)
-            items = select_items(ctx, spec)
-            use_chat = bool(spec.chat_template) and task.kind is not Kind.rolling
-            kwargs = merged_kwargs(ctx.cfg.model.chat_template_kwargs, spec.chat_template_kwargs) if use_chat else {}
-            chat = chat_fn(lazy.tokenizer(), kwargs) if use_chat else None
-            tag = "\x00".join(t for t in (kwargs_tag(kwargs), think_tag(ctx, task)) if t)
-            prompts = build_prompts(task, items, ctx.data_dir, spec.num_fewshot, ecfg.seed, chat, tag)
-            have = {r.item_id: r for _, r in ctx.store.items(model.name, spec.key)}
-            todo = [p for p in prompts if not _fresh(have.get(p.item.id), p, task, ecfg.max_new_tokens)]
-            bar = progress.add_task(f"{model.name} · {spec.key}", total=len(prompts),
-                                    completed=len(prompts) - len(todo))
-            step = items_per_call(task.kind, ecfg.batch_size)
-            if task.kind is not Kind.rolling:  # questions with shared prompt prefixes share a call, so the prefix
-                todo.sort(key=lambda p: p.context)  # is computed once (MMLU 5-shot: 27% fewer tokens; SQuAD: a passage)
-            scorer = lazy.scorer() if todo else None  # loaded before the clock starts: load time is not task time
-            t0 = time.perf_counter()
-            for b in range(0, len(todo), step):
-                chunk = todo[b:b + step]
-                recs = score_prompts(task, chunk, scorer, ecfg.max_new_tokens, chat is not None,
-                                     (ctx.cfg.model.think_start_token, ctx.cfg.model.think_end_token), spec.key)
-                ctx.store.put_items(model.name, recs)
-                failpoint("evaluate-mid")  # tests kill here: the batch is stored, the rest is not
-                have.update((r.item_id, r) for r in recs)
-                progress.advance(bar, len(chunk))
-            if todo:  # wall time of this run's scoring (s); a resumed run times only what it scored
-                ctx.store.put_metric(model.name, f"time.eval.{spec.key}", time.perf_counter() - t0,
-                                     {"items_scored": len(todo), "items": len(prompts)})
-            write_metrics(ctx, model.name, task, spec, [have[p.item.id] for p in prompts])
-        for lspec in ecfg.lmeval_specs():  # lm-eval registry / user YAML tasks (#20)
-            from quantstudy.tasks.lmeval_tasks import evaluate_entry
+    lazy, progress = _Model(ctx, model), ctx.progress
+    for spec in ecfg.task_specs():
+        task = get_task(spec.name)
+        items = select_items(ctx, spec)
+        use_chat = bool(spec.chat_template) and task.kind is not Kind.rolling
+        kwargs = merged_kwargs(ctx.cfg.model.chat_template_kwargs, spec.chat_template_kwargs) if use_chat else {}
+        chat = chat_fn(lazy.tokenizer(), kwargs) if use_chat else None
+        tag = "\x00".join(t for t in (kwargs_tag(kwargs), think_tag(ctx, task)) if t)
+        prompts = build_prompts(task, items, ctx.data_dir, spec.num_fewshot, ecfg.seed, chat, tag)
+        have = dict(ctx.stored.get(spec.key, {}))
+        todo = [p for p in prompts if not _fresh(have.get(p.item.id), p, task, ecfg.max_new_tokens)]
+        label = f"{model.name} · {spec.key}"
+        bar = progress.add_task(label, total=len(prompts), completed=len(prompts) - len(todo))
+        step = items_per_call(task.kind, ecfg.batch_size)
+        if task.kind is not Kind.rolling:  # questions with shared prompt prefixes share a call, so the prefix
+            todo.sort(key=lambda p: p.context)  # is computed once (MMLU 5-shot: 27% fewer tokens; SQuAD: a passage)
+        scorer = lazy.scorer() if todo else None  # loaded before the clock starts: load time is not task time
+        if lazy.loaded is not None:
+            yield lazy.loaded
+            lazy.loaded = None
+        t0 = time.perf_counter()
+        for b in range(0, len(todo), step):
+            chunk = todo[b:b + step]
+            recs = score_prompts(task, chunk, scorer, ecfg.max_new_tokens, chat is not None,
+                                 (ctx.cfg.model.think_start_token, ctx.cfg.model.think_end_token), spec.key)
+            yield ItemBatch(model.name, recs)
+            failpoint("evaluate-mid")  # tests kill here: the batch is stored, the rest is not
+            have.update((r.item_id, r) for r in recs)
+            progress.advance(bar, len(chunk))
+        timing = []
+        if todo:  # wall time of this run's scoring (s); a resumed run times only what it scored
+            timing = [Metric(f"time.eval.{spec.key}", time.perf_counter() - t0,
+                             {"items_scored": len(todo), "items": len(prompts)})]
+        yield Metrics(model.name, timing + task_metrics(ctx, task, spec, [have[p.item.id] for p in prompts]))
+    for lspec in ecfg.lmeval_specs():  # lm-eval registry / user YAML tasks (#20)
+        from quantstudy.tasks.lmeval_tasks import evaluate_entry
 
-            evaluate_entry(ctx, lazy, lspec, progress, model.name)
+        yield from evaluate_entry(ctx, lazy, lspec, progress, model.name)
+        if lazy.loaded is not None:
+            yield lazy.loaded
+            lazy.loaded = None
 
 
-def write_metrics(ctx: RunContext, model: str, task: Task, spec: TaskSpec, records: list[st.ItemRecord]) -> None:
+def task_metrics(ctx: Job, task: Task, spec: TaskSpec, records: list[st.ItemRecord]) -> list[Metric]:
     ecfg = ctx.cfg.evaluate
     k = task.default_fewshot if spec.num_fewshot is None else spec.num_fewshot
     info = {"n": len(records), "limit": spec.limit, "limit_mode": ecfg.limit_mode.value, "seed": ecfg.seed,
@@ -244,9 +254,7 @@ def write_metrics(ctx: RunContext, model: str, task: Task, spec: TaskSpec, recor
     values = task.aggregate(records)
     if task.kind is Kind.generate:
         values.update(reasoning_stats(records))
-    with ctx.store.tx():
-        for name, value in values.items():
-            ctx.store.put_metric(model, f"eval.{spec.key}.{name}", float(value), info)
+    return [Metric(f"eval.{spec.key}.{name}", float(value), info) for name, value in values.items()]
 
 
 def reasoning_stats(records: list[st.ItemRecord]) -> dict[str, float]:
@@ -259,3 +267,16 @@ def reasoning_stats(records: list[st.ItemRecord]) -> dict[str, float]:
     return {"reasoning_share": len(think) / n,
             "reasoning_tokens_mean": sum(r.details["reasoning_tokens"] for r in think) / len(think),
             "reasoning_hit_max_share": sum(bool(r.details.get("reasoning_hit_max")) for r in think) / n}
+
+
+class Stage:
+    """Evaluate: the key hashes what changes a score (tasks, limits, seeds, batch size, backend,
+    generation length), not the speed settings, which only the measure stage reads."""
+
+    name = StageName.evaluate
+
+    def key_inputs(self, cfg: StudyConfig) -> tuple[object, ...]:
+        return (cfg.evaluate.model_copy(update={"speed": None}),) if cfg.evaluate else ()
+
+    def run(self, job: Job) -> Iterator[Record]:
+        return evaluate_model(job)

@@ -27,9 +27,8 @@ WikiText-2, 8191 tokens, 512-token windows; share by which the mean KL reads low
   k=1024: 5% / 2-3.5%     k=4096: 1.4% / 0.7-1.2%        (vocab 49152; RTN W4/W8, GPTQ W4)
 The relative gap is similar across variants, so rankings hold; absolute KL reads low.
 
-Answer level: for multiple-choice items evaluated on both models, the choice distribution
-softmax(loglikelihoods) of the baseline vs the variant: mean KL per task and the share of
-items whose argmax choice (the `acc` prediction) changed.
+Answer level (which multiple-choice answers changed): computed by the report from the stored
+evaluation items (report/answers.py), so evaluation settings do not re-key this stage.
 """
 
 from __future__ import annotations
@@ -40,13 +39,14 @@ import os
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
-from quantstudy.config import FidelityConfig
-from quantstudy.runtime.context import RunContext
+from quantstudy.config import FidelityConfig, StudyConfig
+from quantstudy.records import Metric, Metrics, Record
+from quantstudy.stages.protocol import Job, StageName
 from quantstudy.errors import QuantStudyError
 from quantstudy.store import ModelRecord
 
@@ -179,16 +179,15 @@ def kl_full(logp: torch.Tensor, logq: torch.Tensor) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- baseline cache
-def _progress(ctx: RunContext, label: str, total: int):
-    from quantstudy.runtime.progress import make_progress
+def _progress(ctx: Job, label: str, total: int):
+    import contextlib
 
-    prog = make_progress(ctx.console)  # rich bars on a terminal, timed plain lines elsewhere
-    task = prog.add_task(label, total=total)
-    return prog, lambda: prog.advance(task)
+    task = ctx.progress.add_task(label, total=total)  # the driver's view (rich bars or timed plain lines)
+    return contextlib.nullcontext(), lambda: ctx.progress.advance(task)
 
 
-def _load(path: str, ctx: RunContext) -> tuple[Any, Any]:
-    from quantstudy.stages.resolve import load_pretrained
+def _load(path: str, ctx: Job) -> tuple[Any, Any]:
+    from quantstudy.runtime.modeldir import load_pretrained
 
     from quantstudy.config.schemes import prepare_loaded
 
@@ -198,7 +197,7 @@ def _load(path: str, ctx: RunContext) -> tuple[Any, Any]:
     return model, tok
 
 
-def cache_key(ctx: RunContext, baseline: ModelRecord, ids: np.ndarray, fcfg: FidelityConfig) -> str:
+def cache_key(ctx: Job, baseline: ModelRecord, ids: np.ndarray, fcfg: FidelityConfig) -> str:
     spec = {"v": CACHE_VERSION, "baseline": baseline.weights_hash or str(Path(baseline.path).resolve()),
             "ids": hashlib.sha256(ids.tobytes()).hexdigest(), "context_length": fcfg.context_length,
             "stride": fcfg.stride or fcfg.context_length, "top_k": fcfg.top_k,
@@ -206,7 +205,7 @@ def cache_key(ctx: RunContext, baseline: ModelRecord, ids: np.ndarray, fcfg: Fid
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def baseline_cache(ctx: RunContext, baseline: ModelRecord, ids: np.ndarray, fcfg: FidelityConfig) -> dict[str, np.ndarray]:
+def baseline_cache(ctx: Job, baseline: ModelRecord, ids: np.ndarray, fcfg: FidelityConfig) -> dict[str, np.ndarray]:
     """The baseline's top-k log-probs per scored token; computed once, then read from disk."""
     path = ctx.work_dir / "fidelity" / f"{cache_key(ctx, baseline, ids, fcfg)}.npz"
     if path.is_file():
@@ -239,7 +238,7 @@ def baseline_cache(ctx: RunContext, baseline: ModelRecord, ids: np.ndarray, fcfg
 
 
 # --------------------------------------------------------------------------- token-level metrics
-def variant_pass(ctx: RunContext, model: Any, ids: np.ndarray, base: dict[str, np.ndarray], fcfg: FidelityConfig,
+def variant_pass(ctx: Job, model: Any, ids: np.ndarray, base: dict[str, np.ndarray], fcfg: FidelityConfig,
                  label: str) -> dict[str, np.ndarray]:
     """Per scored token: kl (top-k bound), agree (bool), logp/logq of the correct token."""
     wins = windows(len(ids), fcfg.context_length, fcfg.stride or fcfg.context_length)
@@ -271,37 +270,12 @@ def summarize(tok: dict[str, np.ndarray]) -> dict[str, float]:
             "dp_rms": float(np.sqrt(np.mean((np.exp(lq) - np.exp(lp)) ** 2))), "n_tokens": float(len(kl))}
 
 
-# --------------------------------------------------------------------------- answer-level metrics
-def answer_metrics(ctx: RunContext, variant: str, baseline: str) -> dict[str, tuple[float, int]]:
-    """{"<task>.answer_kl" | "<task>.answer_change_share" | "answer_change_share": (value, n items)}."""
-    from scipy.special import log_softmax
-
-    base = {(r.task, r.item_id): r.details["loglikelihoods"] for _, r in ctx.store.items(model=baseline)
-            if "loglikelihoods" in r.details}
-    per_task: dict[str, list[tuple[float, bool]]] = {}
-    for _, r in ctx.store.items(model=variant):
-        lp_b = base.get((r.task, r.item_id))
-        if lp_b is None or "loglikelihoods" not in r.details or len(lp_b) != len(r.details["loglikelihoods"]):
-            continue
-        lp = log_softmax(np.asarray(lp_b, dtype=np.float64))
-        lq = log_softmax(np.asarray(r.details["loglikelihoods"], dtype=np.float64))
-        kl = float(np.sum(np.exp(lp) * (lp - lq)))
-        per_task.setdefault(r.task, []).append((kl, int(np.argmax(lp)) != int(np.argmax(lq))))
-    out: dict[str, tuple[float, int]] = {}
-    for task, rows in sorted(per_task.items()):
-        out[f"{task}.answer_kl"] = (float(np.mean([k for k, _ in rows])), len(rows))
-        out[f"{task}.answer_change_share"] = (float(np.mean([c for _, c in rows])), len(rows))
-    if per_task:  # pooled over all items of all multiple-choice tasks
-        flat = [c for rows in per_task.values() for _, c in rows]
-        out["answer_change_share"] = (float(np.mean(flat)), len(flat))
-    return out
-
-
 # --------------------------------------------------------------------------- stage entry point
-def fidelity_model(ctx: RunContext, variant: ModelRecord, baseline: ModelRecord) -> None:
-    """Store fidelity.* metrics of `variant` against `baseline` (see the module docstring)."""
+def fidelity_model(ctx: Job) -> Iterator[Record]:
+    """fidelity.* metrics of `ctx.model` against its parent `ctx.parent` (see the module docstring)."""
     from transformers import AutoConfig, AutoTokenizer
 
+    variant, baseline = ctx.model, ctx.parent
     fcfg = ctx.cfg.fidelity or FidelityConfig()
     trc = ctx.cfg.model.trust_remote_code
     max_pos = getattr(AutoConfig.from_pretrained(baseline.path, trust_remote_code=trc), "max_position_embeddings", None)
@@ -321,16 +295,23 @@ def fidelity_model(ctx: RunContext, variant: ModelRecord, baseline: ModelRecord)
                               fix="compare a variant only with the model it was derived from (same tokenizer)")
     from quantstudy.config.schemes import activation_handling
 
-    ctx.store.put_metric(variant.name, "activations.fidelity",  # read off the loaded modules (#22)
-                         float(activation_handling(model)["quantized_layers"] > 0), activation_handling(model))
+    handling = activation_handling(model)  # read off the loaded modules (#22)
+    found = [Metric("activations.fidelity", float(handling["quantized_layers"] > 0), handling)]
     tok = variant_pass(ctx, model, ids, base, fcfg, variant.name)
     info = {"baseline": baseline.name, "source": source, "top_k": fcfg.top_k, "context_length": fcfg.context_length,
             "stride": fcfg.stride or fcfg.context_length, "tokens_requested": fcfg.tokens, "approximation": APPROX_NOTE}
-    with ctx.store.tx():
-        for name, value in summarize(tok).items():
-            ctx.store.put_metric(variant.name, f"fidelity.{name}", value, info)
-        for name, (value, n) in answer_metrics(ctx, variant.name, baseline.name).items():
-            ctx.store.put_metric(variant.name, f"fidelity.{name}", value,
-                                 {"baseline": baseline.name, "n_items": n,
-                                  "definition": "choice distribution = softmax of per-choice loglikelihoods; "
-                                                "change = argmax (acc prediction) differs"})
+    yield Metrics(variant.name, found + [Metric(f"fidelity.{name}", value, info)
+                                         for name, value in summarize(tok).items()])
+
+
+class Stage:
+    """Fidelity: the key hashes the fidelity settings only; which answers changed is the report's
+    reading of the evaluation items, so evaluation settings do not re-run this stage."""
+
+    name = StageName.fidelity
+
+    def key_inputs(self, cfg: StudyConfig) -> tuple[object, ...]:
+        return (cfg.fidelity,)
+
+    def run(self, job: Job) -> Iterator[Record]:
+        return fidelity_model(job)

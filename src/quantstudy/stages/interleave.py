@@ -76,7 +76,7 @@ def _worker(job: dict[str, Any], inq: Any, outq: Any) -> None:
 
         from quantstudy.scoring.generation import generate_tokens
         from quantstudy.stages.measure import GenStat, encode_prompts
-        from quantstudy.stages.resolve import is_compressed, load_pretrained
+        from quantstudy.runtime.modeldir import is_compressed, load_pretrained
 
         def cpu() -> float:
             r = resource.getrusage(resource.RUSAGE_SELF)  # all threads of this process
@@ -161,32 +161,30 @@ class _Side:
 def interleave(ctx: Any, jobs: list[dict[str, Any]], rounds: int) -> list[dict[str, Any]]:
     """Measure the jobs in alternating rounds; one dict per job (stats of every round, batch rate,
     prefill, peak memory, other processes' CPU use and load average per round)."""
-    from quantstudy.runtime.progress import make_progress
-
     sides = [_Side(j) for j in jobs]
     out: list[dict[str, Any]] = [{"stats": [], "per_round": [], "batch_rates": [], "others": [], "load_1m": []}
                                  for _ in jobs]
     try:
         for s in sides:
             s.get("ready")
-        with make_progress(ctx.console) as progress:  # rich bars on a terminal, timed plain lines elsewhere
-            bar = progress.add_task(" vs ".join(j["name"] + f" ({j['backend']} {j['dtype']})" for j in jobs) +
-                                    " · speed", total=rounds * len(jobs) * 2)
-            for r in range(rounds):
-                order = list(range(len(jobs)))[::(-1 if r % 2 else 1)]
-                for cmd in ("single", "batch"):
-                    for i in order:
-                        res, wall, others = sides[i].run(cmd)
-                        o = out[i]
-                        o["others"].append(others)
-                        o["load_1m"].append(round(os.getloadavg()[0], 2))
-                        if cmd == "single":
-                            o["stats"] += res["stats"]
-                            o["per_round"].append([(s["n_tokens"], s["latency_s"], s["ttft_s"])
-                                                   for s in res["stats"]])
-                        else:
-                            o["batch_rates"].append(res["tokens"] / res["seconds"])
-                        progress.advance(bar)
+        progress = ctx.progress  # the driver's view: rich bars on a terminal, timed plain lines elsewhere
+        bar = progress.add_task(" vs ".join(j["name"] + f" ({j['backend']} {j['dtype']})" for j in jobs) +
+                                " · speed", total=rounds * len(jobs) * 2)
+        for r in range(rounds):
+            order = list(range(len(jobs)))[::(-1 if r % 2 else 1)]
+            for cmd in ("single", "batch"):
+                for i in order:
+                    res, wall, others = sides[i].run(cmd)
+                    o = out[i]
+                    o["others"].append(others)
+                    o["load_1m"].append(round(os.getloadavg()[0], 2))
+                    if cmd == "single":
+                        o["stats"] += res["stats"]
+                        o["per_round"].append([(s["n_tokens"], s["latency_s"], s["ttft_s"])
+                                               for s in res["stats"]])
+                    else:
+                        o["batch_rates"].append(res["tokens"] / res["seconds"])
+                    progress.advance(bar)
         for s, o in zip(sides, out):
             s.inq.put("stop")
             o.update(s.get("done"))

@@ -20,13 +20,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+from quantstudy.config import StudyConfig
 from quantstudy.data.chat import render
 from quantstudy.stages.interleave import WARMUP_TOKENS
-from quantstudy.runtime.context import RunContext
+from quantstudy.records import Metric, Metrics, Record
+from quantstudy.stages.protocol import Job, StageName
 from quantstudy.errors import QuantStudyError
-from quantstudy.stages.resolve import weights_size
+from quantstudy.runtime.modeldir import weights_size
 from quantstudy.store import ModelRecord
 
 
@@ -56,7 +58,7 @@ def summarize(stats: list[GenStat]) -> dict[str, float]:
             "hit_max_share": sum(s.hit_max for s in stats) / n, "empty_share": sum(s.empty for s in stats) / n}
 
 
-def speed_prompts(ctx: RunContext, n: int) -> list[str]:
+def speed_prompts(ctx: Job, n: int) -> list[str]:
     """First user turn of the first n ShareGPT conversations (file order)."""
     from quantstudy.data.sources import load_conversations
 
@@ -83,7 +85,7 @@ def is_w4a16(path: Path) -> bool:
             and all((g.get("weights") or {}).get("num_bits") == 4 and not g.get("input_activations") for g in groups))
 
 
-def side_job(ctx: RunContext, model: ModelRecord, backend: str, dtype: str, prompts: list[str]) -> dict[str, Any]:
+def side_job(ctx: Job, model: ModelRecord, backend: str, dtype: str, prompts: list[str]) -> dict[str, Any]:
     speed = ctx.cfg.evaluate.speed
     return {"name": model.name, "path": model.path, "device": ctx.device, "backend": backend, "dtype": dtype,
             "trust_remote_code": ctx.cfg.model.trust_remote_code, "prompts": prompts,
@@ -91,7 +93,7 @@ def side_job(ctx: RunContext, model: ModelRecord, backend: str, dtype: str, prom
             "max_new_tokens": speed.max_new_tokens, "warmup": speed.warmup, "batch": speed.batch}
 
 
-def labels(ctx: RunContext, job: dict[str, Any], side: dict[str, Any], batch: int) -> dict[str, Any]:
+def labels(ctx: Job, job: dict[str, Any], side: dict[str, Any], batch: int) -> dict[str, Any]:
     """What a figure means: backend, weights, activation dtype, threads, batch size, load."""
     packed = job["backend"] == "packed"
     return {"backend": (f"torch-int4pack-{ctx.device}" if packed else "transformers-dense"),
@@ -109,27 +111,28 @@ def labels(ctx: RunContext, job: dict[str, Any], side: dict[str, Any], batch: in
             "measured": "wall clock per request, greedy, EOS counted as a token"}
 
 
-def _put_side(ctx: RunContext, name: str, job: dict[str, Any], side: dict[str, Any], prefix: str = "") -> None:
-    """Store one side's figures under `speed.{prefix}*` / `memory.{prefix}*`."""
-    store = ctx.store
+def side_metrics(ctx: Job, job: dict[str, Any], side: dict[str, Any], prefix: str = "") -> list[Metric]:
+    """One side's figures as `speed.{prefix}*` / `memory.{prefix}*` metrics."""
+    out: list[Metric] = []
     info = labels(ctx, job, side, 1)
     for key, value in summarize([GenStat(**s) for s in side["stats"]]).items():
-        store.put_metric(name, f"speed.{prefix}{key}", value, info)
-    store.put_metric(name, f"speed.{prefix}prefill_s", side["prefill_s"],
+        out.append(Metric(f"speed.{prefix}{key}", value, info))
+    out.append(Metric(f"speed.{prefix}prefill_s", side["prefill_s"],
                      {**info, "measured": "time to first token at batch 1 (prompt processing + one decode step), "
-                      "mean over prompts and rounds"})
+                      "mean over prompts and rounds"}))
     binfo = labels(ctx, job, side, side["batch"])
-    store.put_metric(name, f"speed.{prefix}batch_tokens_per_s", side["batch_tokens_per_s"],
+    out.append(Metric(f"speed.{prefix}batch_tokens_per_s", side["batch_tokens_per_s"],
                      {**binfo, "measured": f"generated tokens of one batch of {side['batch']} prompts over its wall "
-                      "time (sequences drop out as they stop)"})
+                      "time (sequences drop out as they stop)"}))
     # the peak covers everything the process did: loading, batch-1 requests and the batch of side["batch"]
     how = ("CUDA allocator peak (torch.cuda.max_memory_allocated)" if ctx.device == "cuda" else
            "process peak RSS (VmHWM of a fresh process that loaded only this model)")
-    store.put_metric(name, f"memory.{prefix}peak_bytes", float(side["peak"]),
+    out.append(Metric(f"memory.{prefix}peak_bytes", float(side["peak"]),
                      {**binfo, "measured": f"{how}, over loading, batch-1 requests and one batch of {side['batch']} "
-                      f"prompts x {job['max_new_tokens']} new tokens", "rss_before_load_bytes": side["rss_before_load"]})
-    store.put_metric(name, f"memory.{prefix}resident_weights_bytes", float(side["resident_bytes"]),
-                     {**info, "measured": "bytes of parameters and buffers held after loading"})
+                      f"prompts x {job['max_new_tokens']} new tokens", "rss_before_load_bytes": side["rss_before_load"]}))
+    out.append(Metric(f"memory.{prefix}resident_weights_bytes", float(side["resident_bytes"]),
+                     {**info, "measured": "bytes of parameters and buffers held after loading"}))
+    return out
 
 
 def _on_disk(path: Path) -> str:
@@ -138,18 +141,19 @@ def _on_disk(path: Path) -> str:
     return f"{q.get('quant_method', 'quantized')} ({q.get('format', '?')})" if q else "dense"
 
 
-def _put_disk(ctx: RunContext, model: ModelRecord) -> None:
+def disk_metric(model: ModelRecord) -> Metric:
     fmt = _on_disk(Path(model.path))
-    ctx.store.put_metric(model.name, "memory.weights_bytes", float(weights_size(Path(model.path))),
-                         {"backend": "disk", "weights": "dense" if fmt == "dense" else "packed",
-                          "measured": "weight files on disk (*.safetensors / *.bin)", "format": fmt})
+    return Metric("memory.weights_bytes", float(weights_size(Path(model.path))),
+                  {"backend": "disk", "weights": "dense" if fmt == "dense" else "packed",
+                   "measured": "weight files on disk (*.safetensors / *.bin)", "format": fmt})
 
 
-def measure_model(ctx: RunContext, model: ModelRecord, parent: ModelRecord | None = None) -> None:
+def measure_model(ctx: Job) -> Iterator[Record]:
     """A root model: dense in the deployment dtype (bf16) and float32, interleaved.
     A derived model: paired with its parent (dense bf16), interleaved, with the speed-up and its interval."""
     from quantstudy.stages.interleave import interleave, paired_ratio
 
+    model, parent = ctx.model, ctx.parent
     speed = ctx.cfg.evaluate.speed if ctx.cfg.evaluate else None
     if speed is None:
         return
@@ -168,14 +172,11 @@ def measure_model(ctx: RunContext, model: ModelRecord, parent: ModelRecord | Non
         if "interleaved" in fp32:  # measured one after the other: not a paired ratio
             dtype_ratio.update(comparable=False, why="not comparable: bf16 and float32 were measured one after "
                                "the other (both would not fit in memory together)")
-        with ctx.store.tx():
-            _put_side(ctx, model.name, jobs[0], bf16)
-            _put_side(ctx, model.name, jobs[1], fp32, prefix="float32.")
-            ctx.store.put_metric(model.name, "speed.bf16_vs_float32", dtype_ratio["ratio"],
-                                 {**dtype_ratio, "measured": "batch-1 decode tokens/s of the model dense in bf16 / "
-                                  "dense in float32, same prompts, interleaved rounds; 95% bootstrap interval over "
-                                  "prompts"})
-            _put_disk(ctx, model)
+        yield Metrics(model.name, side_metrics(ctx, jobs[0], bf16) + side_metrics(ctx, jobs[1], fp32, "float32.") + [
+            Metric("speed.bf16_vs_float32", dtype_ratio["ratio"],
+                   {**dtype_ratio, "measured": "batch-1 decode tokens/s of the model dense in bf16 / dense in "
+                    "float32, same prompts, interleaved rounds; 95% bootstrap interval over prompts"}),
+            disk_metric(model)])
         return
     packed = speed.backend.value == "packed" and is_w4a16(Path(model.path))
     need, have = side_bytes(parent, 2) + side_bytes(model, 1 if packed else 2), memory_available()
@@ -189,19 +190,15 @@ def measure_model(ctx: RunContext, model: ModelRecord, parent: ModelRecord | Non
     p_side, m_side = interleave(ctx, jobs, speed.rounds)
     ratio = paired_ratio(p_side, m_side, ctx.cfg.seed)
     kl = numerics_check(ctx, model, prompts) if packed else None
-    with ctx.store.tx():
-        _put_side(ctx, model.name, jobs[1], m_side)
-        _put_side(ctx, model.name, jobs[0], p_side, prefix="parent.")
-        ctx.store.put_metric(model.name, "speed.speedup", ratio["ratio"],
-                             {**ratio, "parent": parent.name, "backend": labels(ctx, jobs[1], m_side, 1)["backend"],
-                              "parent_backend": "transformers-dense", "activation_dtype": act})
-        if kl is not None:
-            for key, value in kl.items():
-                ctx.store.put_metric(model.name, f"numerics.{key}", value,
-                                     {"what": "packed int4 model vs the decompressed float32 model the evaluation "
-                                      "uses, on the speed prompts (teacher-forced prompt tokens)",
-                                      "n_positions": kl["n_positions"]})
-        _put_disk(ctx, model)
+    out = side_metrics(ctx, jobs[1], m_side) + side_metrics(ctx, jobs[0], p_side, "parent.")
+    out.append(Metric("speed.speedup", ratio["ratio"],
+                      {**ratio, "parent": parent.name, "backend": labels(ctx, jobs[1], m_side, 1)["backend"],
+                       "parent_backend": "transformers-dense", "activation_dtype": act}))
+    for key, value in (kl or {}).items():
+        out.append(Metric(f"numerics.{key}", value,
+                          {"what": "packed int4 model vs the decompressed float32 model the evaluation uses, on "
+                           "the speed prompts (teacher-forced prompt tokens)", "n_positions": kl["n_positions"]}))
+    yield Metrics(model.name, out + [disk_metric(model)])
 
 
 def side_bytes(model: ModelRecord, bytes_per_param: float) -> float:
@@ -223,13 +220,13 @@ def memory_available() -> float:
     return float(psutil.virtual_memory().available)
 
 
-def numerics_check(ctx: RunContext, model: ModelRecord, prompts: list[str]) -> dict[str, float]:
+def numerics_check(ctx: Job, model: ModelRecord, prompts: list[str]) -> dict[str, float]:
     """KL(decompressed || packed) per position and top-1 agreement on the speed prompts' tokens.
 
     Runs in this process after the timed children have exited, so it touches no timed figure."""
     import torch
 
-    from quantstudy.stages.resolve import load_pretrained
+    from quantstudy.runtime.modeldir import load_pretrained
     from quantstudy.scoring.packed import load_packed
 
     trust = ctx.cfg.model.trust_remote_code
@@ -246,3 +243,15 @@ def numerics_check(ctx: RunContext, model: ModelRecord, prompts: list[str]) -> d
             n += x.shape[1]
     del packed, dense
     return {"kl_packed_vs_decompressed": kl_sum / n, "top1_packed_vs_decompressed": agree / n, "n_positions": n}
+
+
+class Stage:
+    """Measure: the key hashes the speed settings only (prompts, rounds, backend, batch)."""
+
+    name = StageName.measure
+
+    def key_inputs(self, cfg: StudyConfig) -> tuple[object, ...]:
+        return (cfg.evaluate.speed,) if cfg.evaluate else ()
+
+    def run(self, job: Job) -> Iterator[Record]:
+        return measure_model(job)

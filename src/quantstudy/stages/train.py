@@ -1,9 +1,8 @@
 """SFT stage: TRL's SFTTrainer, full fine-tuning or LoRA (PEFT) merged into the weights.
 
-`train_model(ctx, base, out_dir)` trains the baseline on `cfg.train`'s samples (see
-train_data.py), merges LoRA into float32 weights, saves safetensors + tokenizer to a
-temporary folder and renames it to `out_dir`, records the loss curve and the training
-metrics in the store, and returns the trained model's record.
+`train_model(job)` trains the baseline on `cfg.train`'s samples (see data/train_data.py),
+merges LoRA into float32 weights, saves safetensors + tokenizer to a temporary folder and
+renames it to `job.out_dir`, and yields the trained model with its loss curve and metrics.
 
 CPU speed (issue 8, benchmarks/train_speed.py): the defaults differ from TRL's only where that
 changes speed and not, measurably, the loss: no gradient checkpointing (it recomputes every
@@ -23,18 +22,18 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from quantstudy.stages import resolve as models
+from quantstudy.runtime import modeldir as models
 from quantstudy.data import train_data
-from quantstudy.config import TrainConfig, TrainMethod, TrainSource
-from quantstudy.runtime.context import RunContext
+from quantstudy.config import StudyConfig, TrainConfig, TrainMethod, TrainSource
+from quantstudy.records import MadeModel, Metric, Note, Record
+from quantstudy.runtime import environment
+from quantstudy.stages.protocol import Job, QuietProgress, StageName
 from quantstudy.errors import QuantStudyError
 from quantstudy.runtime.resources import track_peak_memory
 from quantstudy.data.sources import Conversation
@@ -43,29 +42,21 @@ from quantstudy.stages.train_head import head_on_labelled_positions
 
 
 class RichProgress(TrainerCallback):
-    """Steps, last loss, elapsed and remaining time on the study's console."""
+    """Steps, last loss, elapsed and remaining time in the driver's progress view."""
 
-    def __init__(self, console: Console, label: str = "SFT"):
-        self.console, self.label, self.progress, self.task = console, label, None, None
+    def __init__(self, progress: Any = None, label: str = "SFT"):
+        self.progress, self.label, self.task = progress or QuietProgress(), label, None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TextColumn("left"),
-                                 TimeRemainingColumn(), console=self.console, transient=False)
-        self.progress.start()
-        self.task = self.progress.add_task(self.label, total=state.max_steps, loss="-", completed=state.global_step)
+        self.task = self.progress.add_task(self.label, total=state.max_steps, completed=state.global_step)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-        if self.progress is not None:
+        if self.task is not None:
             self.progress.update(self.task, completed=state.global_step)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any) -> None:
-        if self.progress is not None and logs and "loss" in logs:
-            self.progress.update(self.task, loss=f"{logs['loss']:.4f}")
-
-    def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-        if self.progress is not None:
-            self.progress.stop()
+        if self.task is not None and logs and "loss" in logs:
+            self.progress.update(self.task, description=f"{self.label} · loss {logs['loss']:.4f}")
 
 
 def bf16_supported(device: str) -> bool:
@@ -105,7 +96,7 @@ def lora_config(cfg: TrainConfig) -> Any:
 
 
 def run_sft(model: Any, tok: Any, samples: list[Conversation], cfg: TrainConfig, args: Any,
-            console: Console, label: str = "SFT", resume: str | None = None,
+            progress: Any = None, label: str = "SFT", resume: str | None = None,
             chat_kwargs: dict[str, Any] | None = None) -> Any:
     """Train in place with SFTTrainer (from checkpoint `resume` if given); returns the trainer
     (its .model is a PeftModel for LoRA)."""
@@ -124,7 +115,7 @@ def run_sft(model: Any, tok: Any, samples: list[Conversation], cfg: TrainConfig,
     try:
         trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
                              peft_config=lora_config(cfg) if cfg.method == TrainMethod.lora else None,
-                             callbacks=[RichProgress(console, label)])
+                             callbacks=[RichProgress(progress, label)])
     finally:
         if bars:
             datasets.enable_progress_bars()
@@ -146,7 +137,7 @@ def merge_adapter(base: Any, trained: Any) -> Any:
     return target.merge_and_unload()
 
 
-def fit(model_dir: Path, samples: list[Conversation], cfg: TrainConfig, device: str, console: Console,
+def fit(model_dir: Path, samples: list[Conversation], cfg: TrainConfig, device: str, progress: Any,
         work: Path, resume: str | None = None, label: str = "SFT", trust_remote_code: bool = False,
         chat_kwargs: dict[str, Any] | None = None, **overrides: Any) -> tuple[Any, Any, Any]:
     """Train the model in `model_dir`; returns (trainer, merged float32 model, tokenizer)."""
@@ -158,7 +149,7 @@ def fit(model_dir: Path, samples: list[Conversation], cfg: TrainConfig, device: 
     frozen_bf16 = lora and bool(args.bf16)
     model, tok = models.load_pretrained(model_dir, dtype="bfloat16" if frozen_bf16 else "float32",
                                         trust_remote_code=trust_remote_code)
-    trainer = run_sft(model, tok, samples, cfg, args, console, label, resume, chat_kwargs)
+    trainer = run_sft(model, tok, samples, cfg, args, progress, label, resume, chat_kwargs)
     if not lora:
         return trainer, trainer.model, tok
     if not frozen_bf16:
@@ -171,7 +162,7 @@ def loss_curve(trainer: Any) -> list[tuple[float, float]]:
     return [(float(e["step"]), float(e["loss"])) for e in trainer.state.log_history if "loss" in e and "step" in e]
 
 
-def evaluated_hashes(ctx: RunContext) -> dict[str, str]:
+def evaluated_hashes(ctx: Job) -> dict[str, str]:
     """text hash of each evaluated item's question -> "<task>/<item id>" (held-out guard input)."""
     from quantstudy.stages.evaluate import select_items
 
@@ -181,7 +172,7 @@ def evaluated_hashes(ctx: RunContext) -> dict[str, str]:
             for spec in ctx.cfg.evaluate.task_specs() for item in select_items(ctx, spec) if item.question.strip()}
 
 
-def plan_samples(ctx: RunContext) -> tuple[list[Conversation], int]:
+def plan_samples(ctx: Job) -> tuple[list[Conversation], int]:
     """The exact training samples of this study (also the `train` calibration source) and how
     many pool rows were held out as evaluation items. Raises if a training text is evaluated."""
     cfg = _train_cfg(ctx)
@@ -194,7 +185,7 @@ def plan_samples(ctx: RunContext) -> tuple[list[Conversation], int]:
     return samples, held_out
 
 
-def _train_cfg(ctx: RunContext) -> TrainConfig:
+def _train_cfg(ctx: Job) -> TrainConfig:
     if ctx.cfg.train is None:
         raise QuantStudyError("the study has no `train:` section", field="train", fix="add a `train:` section")
     return ctx.cfg.train
@@ -217,15 +208,16 @@ def save_model(model: Any, tok: Any, out_dir: Path, dtype: str) -> None:
     os.replace(tmp, out_dir)
 
 
-def train_model(ctx: RunContext, base: ModelRecord, out_dir: Path, name: str = "trained") -> ModelRecord:
+def train_model(ctx: Job) -> Iterator[Record]:
+    """Train `ctx.model` into `ctx.out_dir`; yields notes, then the trained model with its curve and metrics."""
     import peft
-    import transformers
     import trl
 
+    base, out_dir, name = ctx.model, ctx.out_dir, ctx.name
     cfg = _train_cfg(ctx)
     samples, held_out = plan_samples(ctx)
     if held_out:
-        ctx.console.print(f"[dim]train: {held_out} pool rows held out because the study evaluates them[/]")
+        yield Note(f"[dim]train: {held_out} pool rows held out because the study evaluates them[/]")
     ids_hash = hashlib.sha256("\n".join(c.text_hash for c in samples).encode()).hexdigest()[:16]
     # Checkpoints (adapter or weights + optimizer + RNG state) at every fifth of the run, in a
     # folder named by everything that shapes the run: a killed training resumes where it stopped.
@@ -234,10 +226,10 @@ def train_model(ctx: RunContext, base: ModelRecord, out_dir: Path, name: str = "
     work = ctx.work_dir / f"sft-{run_key}"
     resume = get_last_checkpoint(str(work)) if work.is_dir() else None
     if resume:
-        ctx.console.print(f"[dim]train: resuming from {Path(resume).name}[/]")
+        yield Note(f"[dim]train: resuming from {Path(resume).name}[/]")
     t0 = time.perf_counter()
     with track_peak_memory(ctx.device) as mem:
-        trainer, merged, tok = fit(Path(base.path), samples, cfg, ctx.device, ctx.console, work, resume,
+        trainer, merged, tok = fit(Path(base.path), samples, cfg, ctx.device, ctx.progress, work, resume,
                                    trust_remote_code=ctx.cfg.model.trust_remote_code,
                                    chat_kwargs=ctx.cfg.model.chat_template_kwargs,
                                    save_strategy="steps", save_steps=0.2, save_total_limit=1)
@@ -252,16 +244,27 @@ def train_model(ctx: RunContext, base: ModelRecord, out_dir: Path, name: str = "
     how = {"device": ctx.device, "bf16_autocast": bool(args.bf16), "steps": trainer.state.global_step,
            "rows_per_forward": args.per_device_train_batch_size,
            "resumed_from": Path(resume).name if resume else None}  # seconds cover this process's part only
-    ctx.store.put_series(name, "loss", curve)
-    ctx.store.put_metric(name, "train.seconds", seconds, how)
-    ctx.store.put_metric(name, "train.final_loss", curve[-1][1] if curve else None, {"step": curve[-1][0] if curve else None})
-    ctx.store.put_metric(name, "train.peak_rss_bytes", mem.bytes, mem.info())
-    ctx.store.put_metric(name, "train.tokens", tokens, {"counted": "non-padding input tokens"})
+    metrics = [Metric("train.seconds", seconds, how),
+               Metric("train.final_loss", curve[-1][1] if curve else None, {"step": curve[-1][0] if curve else None}),
+               Metric("train.peak_rss_bytes", mem.bytes, mem.info()),
+               Metric("train.tokens", tokens, {"counted": "non-padding input tokens"})]
     spec = {"train": cfg.model_dump(mode="json"), "samples": len(samples), "samples_hash": ids_hash,
             "held_out": held_out, "bf16_autocast": bool(args.bf16), "steps": trainer.state.global_step,
             "describe": describe(cfg, len(samples), bool(args.bf16))}
-    versions = {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
-                "peft": peft.__version__}
-    return ModelRecord(name=name, role="trained", path=str(out_dir), parent=base.name, spec=spec,
+    versions = {**environment.versions(), "trl": trl.__version__, "peft": peft.__version__}
+    made = ModelRecord(name=name, role="trained", path=str(out_dir), parent=base.name, spec=spec,
                        size_bytes=models.weights_size(out_dir), weights_hash=models.weights_hash(out_dir),
                        versions=versions)
+    yield MadeModel(made, metrics, series={"loss": curve})
+
+
+class Stage:
+    """Train: the key hashes the `train:` section (data, method, steps, seed, ...)."""
+
+    name = StageName.train
+
+    def key_inputs(self, cfg: StudyConfig) -> tuple[object, ...]:
+        return (cfg.train,)
+
+    def run(self, job: Job) -> Iterator[Record]:
+        return train_model(job)

@@ -27,9 +27,10 @@ import random
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from quantstudy import store as st
+from quantstudy.records import ItemBatch, Metric, Metrics, Note, Record
 from quantstudy.data.chat import Think, kwargs_tag, merged_kwargs, render
 from quantstudy.config import LimitMode, LMEvalTaskSpec
 from quantstudy.errors import QuantStudyError
@@ -240,8 +241,8 @@ def aggregate(task: Any, recs: list[st.ItemRecord], failed: dict[str, str] | Non
     return out
 
 
-def evaluate_entry(ctx: Any, lazy: Any, spec: LMEvalTaskSpec, progress: Any, model_name: str) -> None:
-    """Score one lm-eval entry (a task or a group) for one model; write items and metrics."""
+def evaluate_entry(ctx: Any, lazy: Any, spec: LMEvalTaskSpec, progress: Any, model_name: str) -> Iterator[Record]:
+    """Score one lm-eval entry (a task or a group) for one model; yields item batches and metrics."""
     ecfg = ctx.cfg.evaluate
     loaded = load_tasks(spec, ctx.config_dir, ecfg.trust_task_code, ecfg.seed)
     kwargs = merged_kwargs(ctx.cfg.model.chat_template_kwargs, spec.chat_template_kwargs) if spec.chat_template else {}
@@ -254,7 +255,7 @@ def evaluate_entry(ctx: Any, lazy: Any, spec: LMEvalTaskSpec, progress: Any, mod
         by = build(task, indices, chat)
         tag = kwargs_tag(kwargs)
         hashes = {d: prompt_hash(by[d], tag) for d in indices}
-        have = {r.item_id: r for _, r in ctx.store.items(model_name, key)}
+        have = dict(ctx.stored.get(key, {}))
         todo = [d for d in indices if not (have.get(str(d)) and have[str(d)].prompt_hash == hashes[d])]
         bar = progress.add_task(f"{model_name} · {key}", total=len(indices), completed=len(indices) - len(todo))
         kind = task.get_config("output_type")
@@ -272,38 +273,33 @@ def evaluate_entry(ctx: Any, lazy: Any, spec: LMEvalTaskSpec, progress: Any, mod
             per = (time.perf_counter() - c0) / max(1, len(recs))
             for r in recs:
                 r.latency_s = r.latency_s if r.latency_s is not None else per
-            ctx.store.put_items(model_name, recs)
+            yield ItemBatch(model_name, recs)
             failpoint("evaluate-mid")
             have.update((r.item_id, r) for r in recs)
             progress.advance(bar, len(chunk))
         if todo:
-            ctx.store.put_metric(model_name, f"time.eval.{key}", time.perf_counter() - t0,
-                                 {"items_scored": len(todo), "items": len(indices)})
+            yield Metrics(model_name, [Metric(f"time.eval.{key}", time.perf_counter() - t0,
+                                              {"items_scored": len(todo), "items": len(indices)})])
         recs = [have[str(d)] for d in indices]
         failed: dict[str, str] = {}
         values = aggregate(task, recs, failed)
         if failed:
-            ctx.console.print(f"  {key}: lm-eval could not aggregate {', '.join(failed)} here "
-                              f"({next(iter(failed.values()))}); per-item values are stored", highlight=False)
+            yield Note(f"  {key}: lm-eval could not aggregate {', '.join(failed)} here "
+                       f"({next(iter(failed.values()))}); per-item values are stored")
         leaf_metrics[leaf] = {**{k if "," in k else f"{k},none": v for k, v in values.items()}, "sample_len": len(recs)}
         info = {"n": len(recs), "limit": spec.limit, "limit_mode": ecfg.limit_mode.value, "seed": ecfg.seed,
                 "num_fewshot": task.get_config("num_fewshot"), "chat_template": bool(chat),
                 "backend": sorted({str(r.details.get("backend")) for r in recs}), "lmeval": spec.lmeval,
                 "data": str(task.get_config("dataset_path")), "higher_is_better": task.higher_is_better(),
                 "not_aggregated": failed}  # lm-eval aggregations that failed here, with their errors
-        with ctx.store.tx():
-            for name, v in values.items():
-                ctx.store.put_metric(model_name, f"eval.{key}.{name}", v, info)
+        yield Metrics(model_name, [Metric(f"eval.{key}.{name}", v, info) for name, v in values.items()])
     for gname, group in (loaded.get("groups") or {}).items():  # lm-eval's own group aggregate
         # stored like a leaf: under the entry's key when aliased or when another entry has the name
         # (a group `mmlu` beside the built-in mmlu must not overwrite eval.mmlu.acc)
         gkey = spec.key if gname == spec.lmeval and spec.alias else scoped(spec, gname, taken)
         res = group.aggregate(leaf_metrics)
-        with ctx.store.tx():
-            for name, v in res.items():
-                if name.endswith("_stderr,none") or "_stderr," in name or _num(v) is None or name == "sample_len":
-                    continue
-                ctx.store.put_metric(model_name, f"eval.{gkey}.{name.removesuffix(',none')}", float(v),
-                                     {"group": gkey, "lmeval_group": gname,
-                                      "subtasks": loaded["group_map"].get(gname, []),
-                                      "n": res.get("sample_len"), "lmeval": spec.lmeval})
+        info = {"group": gkey, "lmeval_group": gname, "subtasks": loaded["group_map"].get(gname, []),
+                "n": res.get("sample_len"), "lmeval": spec.lmeval}
+        yield Metrics(model_name, [Metric(f"eval.{gkey}.{name.removesuffix(',none')}", float(v), info)
+                                   for name, v in res.items()
+                                   if not ("_stderr," in name or _num(v) is None or name == "sample_len")])
