@@ -21,7 +21,8 @@ from rich.table import Table
 from quantstudy.data.calibration import build_calibration, tokenize
 from quantstudy.config import parse_config
 from quantstudy.config.variants import expand_variants
-from quantstudy.stages.resolve import load_pretrained, materialize_builtin, weights_size
+from quantstudy.stages.resolve import materialize_builtin
+from quantstudy.runtime.modeldir import load_pretrained, weights_size
 from quantstudy.stages.quantize import build_recipe, cpu_awq_pin_memory_fix, run_oneshot
 from quantstudy.runtime.resources import track_peak_memory
 

@@ -42,7 +42,7 @@ from quantstudy.report import stats
 from quantstudy.stages import train
 from quantstudy.data import train_data
 from quantstudy.config import TrainConfig
-from quantstudy.stages.resolve import load_pretrained
+from quantstudy.runtime.modeldir import load_pretrained
 from quantstudy.runtime.resources import track_peak_memory
 
 REPO = Path(__file__).resolve().parents[1]
