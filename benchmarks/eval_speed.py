@@ -179,11 +179,13 @@ def run_quantstudy(a: argparse.Namespace) -> dict:
     cfg = parse_config({"name": "bench", "model": {"source": a.model},
                         "evaluate": {"tasks": [{"name": a.task, "limit": a.limit}], "batch_size": 16,
                                      "backend": "fast", "speed": None, "max_new_tokens": MAX_NEW}})
+    from quantstudy.study import run_stage
+
     with tempfile.TemporaryDirectory() as d, Store(Path(d) / "store.sqlite") as store:
         ctx = RunContext(cfg=cfg, study_dir=Path(d), config_dir=Path(d), store=store, data_dir=Path(a.data_dir),
                          device="cpu", console=Console(stderr=True, quiet=True))
         t0 = time.perf_counter()
-        ev.evaluate_model(ctx, ModelRecord("baseline", "baseline", a.model))
+        run_stage(ctx, "evaluate", ModelRecord("baseline", "baseline", a.model))  # the evaluate stage, store writes included
         wall = time.perf_counter() - t0
         recs = [r for _, r in store.items("baseline")]
         if a.task in GENERATIVE:

@@ -49,12 +49,12 @@ def topk_error(baseline: str, variant: str, ids: np.ndarray, L: int, ks: list[in
 
 
 def time_stage(baseline: str, variants: list[str], data_dir: Path | None, fcfg: Any = None) -> dict:
-    """Wall time of quantstudy.stages.fidelity.fidelity_model (default: the config defaults)."""
+    """Wall time of the fidelity stage (study.run_stage) (default: the config defaults)."""
     from rich.console import Console
 
     from quantstudy.config import FidelityConfig, ModelConfig, StudyConfig
     from quantstudy.runtime.context import RunContext
-    from quantstudy.stages.fidelity import fidelity_model
+    from quantstudy.study import run_stage
     from quantstudy.store import ModelRecord, Store
 
     tmp = Path(tempfile.mkdtemp(prefix="qs-fid-time-"))
@@ -65,7 +65,7 @@ def time_stage(baseline: str, variants: list[str], data_dir: Path | None, fcfg: 
     out = {"settings": cfg.fidelity.model_dump(), "runs": []}
     for i, v in enumerate(variants):
         t0 = time.perf_counter()
-        fidelity_model(ctx, ModelRecord(name=f"v{i}", role="quantized", path=v), base)
+        run_stage(ctx, "fidelity", ModelRecord(name=f"v{i}", role="quantized", path=v), parent=base)
         m = {n: val for _, n, val, _ in ctx.store.metrics(f"v{i}")}
         out["runs"].append({"variant": v, "seconds": round(time.perf_counter() - t0, 1),
                             "baseline_cached": i > 0, "metrics": m})

@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
+
+from quantstudy.runtime.progress import make_progress
 from rich.table import Table
 
 from quantstudy.report import stats
@@ -93,7 +95,7 @@ def run(recipe: str, model_dir: Path, samples, heldout, cfg: TrainConfig, consol
         train.head_on_labelled_positions = contextlib.nullcontext
     t0, c0 = time.perf_counter(), time.process_time()
     with track_peak_memory("cpu") as mem:
-        trainer, merged, tok = train.fit(model_dir, samples, cfg, "cpu", console, Path("/tmp/qs-train-speed") / recipe,
+        trainer, merged, tok = train.fit(model_dir, samples, cfg, "cpu", make_progress(console), Path("/tmp/qs-train-speed") / recipe,
                                          label=recipe, **overrides)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     nll, count = heldout_nll(merged, tok, heldout)
