@@ -23,7 +23,6 @@ from quantstudy.errors import QuantStudyError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Reproducible post-training quantization studies with honest statistics.")
 console = Console(stderr=False)
-FORMATS = {"md", "html", "json"}
 
 DataDir = typer.Option(None, "--data-dir", help="offline raw data (layout of ../shared/data); overrides data_dir")
 Debug = typer.Option(False, "--debug", help="show full tracebacks (nothing else changes)")
@@ -153,6 +152,8 @@ def quantize(config: Path, data_dir: Optional[Path] = DataDir, debug: bool = Deb
     """Run only the stages up to quantization (model source, training, every variant)."""
     with friendly_errors(debug), open_study(config, data_dir, debug, verbose=verbose) as ctx:
         t0 = time.perf_counter()
+        from quantstudy.study import run_stages
+
         summary(ctx, run_stages(ctx, {"resolve", "train", "quantize"}), time.perf_counter() - t0)
 
 
@@ -162,6 +163,8 @@ def evaluate(config: Path, model: Optional[str] = typer.Option(None, help="one m
     """Evaluate (and measure) the study's models; producing any missing model first."""
     with friendly_errors(debug), open_study(config, data_dir, debug, verbose=verbose) as ctx:
         t0 = time.perf_counter()
+        from quantstudy.study import run_stages
+
         summary(ctx, run_stages(ctx, {"resolve", "train", "quantize", "evaluate", "measure"}, only_model=model),
                 time.perf_counter() - t0)
 
@@ -184,28 +187,13 @@ def report(study_dir: Path, fmt: str = typer.Option("md,html,json", "--format"),
 
 
 def parse_formats(fmt: str) -> set[str]:
+    from quantstudy.report import FORMATS  # the one list of report formats
+
     chosen = {f.strip().lower() for f in fmt.split(",") if f.strip()}
-    if not chosen or chosen - FORMATS:
-        raise typer.BadParameter(f"unknown format(s) {sorted(chosen - FORMATS)}; use a comma list of md,html,json")
+    if not chosen or chosen - set(FORMATS):
+        raise typer.BadParameter(f"unknown format(s) {sorted(chosen - set(FORMATS))}; use a comma list of "
+                                 f"{','.join(FORMATS)}")
     return chosen
-
-
-def run_stages(ctx: object, stages: set[str], only_model: str | None = None) -> list[object]:
-    from quantstudy.runtime import environment
-    from quantstudy.study import execute, plan as make_plan
-
-    environment.record(ctx)
-    steps = make_plan(ctx)
-    names = {s.model for s in steps}
-    if only_model is not None and only_model not in names:
-        raise QuantStudyError("no such model in this study", field="--model", value=only_model,
-                              fix=f"use one of {sorted(names)}")
-    needed = {only_model} if only_model else names
-    for s in steps:
-        if s.model in needed:
-            needed.update(s.parents)
-    execute(ctx, steps, lambda s: s.stage in stages and s.model in needed)
-    return steps
 
 
 def summary(ctx: object, steps: list[object], seconds: float) -> None:

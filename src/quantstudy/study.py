@@ -252,13 +252,30 @@ def _model(ctx: RunContext, name: str) -> ModelRecord:
 
 
 def run_study(ctx: RunContext, formats: set[str] | None = None) -> list[Step]:
-    environment.record(ctx)
-    steps = plan(ctx)
-    execute(ctx, steps)
+    """The whole recipe: every stage not yet done, then the report."""
+    steps = run_stages(ctx)
     from quantstudy.report import write_report
 
     paths = write_report(ctx.store, ctx.study_dir, formats or {"md", "html", "json"})
     ctx.console.print("report: " + ", ".join(str(p) for p in paths), soft_wrap=True)
+    return steps
+
+
+def run_stages(ctx: RunContext, stages: set[str] | None = None, only_model: str | None = None) -> list[Step]:
+    """The stages of kinds `stages` (default all) not yet done, for `only_model` and what it is made from."""
+    from quantstudy.errors import QuantStudyError
+
+    environment.record(ctx)
+    steps = plan(ctx)
+    names = {s.model for s in steps}
+    if only_model is not None and only_model not in names:
+        raise QuantStudyError("no such model in this study", field="--model", value=only_model,
+                              fix=f"use one of {sorted(names)}")
+    needed = {only_model} if only_model else names
+    for s in steps:
+        if s.model in needed:
+            needed.update(s.parents)
+    execute(ctx, steps, lambda s: (stages is None or s.stage in stages) and s.model in needed)
     return steps
 
 
