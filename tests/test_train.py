@@ -110,7 +110,7 @@ def test_train_model_lora_merged_saved_and_recorded(tok, tmp_path):
     out = Path(rec.path)
     assert rec.role == "trained" and rec.parent == "base" and rec.spec["steps"] == 9
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
-    assert not out.with_name("trained.tmp").exists()
+    assert not list(out.parent.glob("trained.*.tmp"))
     from transformers import AutoModelForCausalLM
 
     reloaded = AutoModelForCausalLM.from_pretrained(out)

@@ -7,6 +7,10 @@ one place that reads them.
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
+import socket
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -112,3 +116,44 @@ def load_pretrained(path: Path, device: str = "cpu", dtype: str = "float32",
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model, tok
+
+
+# --------------------------------------------------------------------------- making a model directory
+def attempt_dir(out_dir: Path) -> Path:
+    """A temporary folder of its own for one attempt at making `out_dir`: a retried attempt and a
+    zombie one (a worker Ray gave up on that still runs) never write into the same folder."""
+    return out_dir.with_name(f"{out_dir.name}.{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+
+
+def publish(tmp: Path, out_dir: Path) -> None:
+    """Rename a finished attempt into place. A model already there is moved aside first and deleted
+    after, so a reader finds a complete model (the old or the new one), never a half-written folder.
+    Then the folders of attempts that died on this host are removed."""
+    for _ in range(5):  # another attempt may publish at the same moment: retry the swap
+        old = out_dir.with_name(f"{out_dir.name}.{uuid.uuid4().hex[:8]}.old")
+        try:
+            os.replace(out_dir, old)
+        except FileNotFoundError:
+            old = None
+        try:
+            os.replace(tmp, out_dir)
+            break
+        except OSError:  # out_dir reappeared (a concurrent publish): swap again
+            continue
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    host = socket.gethostname()
+    for stale in out_dir.parent.glob(f"{out_dir.name}.{host}-*.tmp"):
+        pid = stale.name[len(f"{out_dir.name}.{host}-"):].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

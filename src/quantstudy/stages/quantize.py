@@ -12,9 +12,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import logging
-import os
 import re
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -23,6 +21,7 @@ from quantstudy.config import Method, StudyConfig
 from quantstudy.config.variants import Variant
 from quantstudy.errors import QuantStudyError
 from quantstudy.runtime.faults import failpoint
+from quantstudy.runtime.modeldir import attempt_dir, publish
 from quantstudy.records import MadeModel, Metric, ModelRecord, Note, Record
 from quantstudy.stages.protocol import Job, StageName
 
@@ -222,17 +221,33 @@ def run_oneshot(model: Any, tokenizer: Any, v: Variant, dataset: Any | None, max
     with report.capture(), (cpu_awq_pin_memory_fix() if v.method == Method.awq else contextlib.nullcontext()):
         oneshot(model=model, recipe=build_recipe(v), **kwargs)
     seconds = time.perf_counter() - t0
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = attempt_dir(out_dir)  # this attempt's own folder, renamed into place when complete
     model.save_pretrained(tmp, save_compressed=True)
     tokenizer.save_pretrained(tmp)
     if not (tmp / "config.json").is_file():
         raise QuantStudyError(f"llm-compressor wrote no config.json for {v.name}", value=str(tmp),
                               fix="re-run with --debug and report the log")
     failpoint("save-model")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    publish(tmp, out_dir)
     return report.rows, seconds
+
+
+def variant_spec(v: Variant) -> dict[str, Any]:
+    """What a quantized model's record says about how it was made, from its variant alone (the
+    calibration record and the bits per weight measured on the saved files join it in quantize_model)."""
+    from quantstudy.config.schemes import info
+
+    return {"method": v.method.value, "bits": v.bits, "group_size": v.group_size, "symmetric": v.symmetric,
+            "ignore": list(v.ignore), "describe": v.describe(),
+            "scheme": v.scheme.value if v.scheme else f"W{v.bits}A16",
+            # False for entries that set only `bits`: the report pairs schemes only where a study named one
+            "scheme_named": v.scheme is not None,
+            "activations": info(v.scheme).activations if v.scheme else None,
+            "smoothquant": v.smoothquant,
+            "autoround": ({**v.autoround.model_dump(), "enable_torch_compile": autoround_compile(v)}
+                          if v.method == Method.autoround else None),
+            "gptq": v.gptq.model_dump() if v.method == Method.gptq else None,
+            "awq": v.awq.model_dump() if v.method == Method.awq else None}
 
 
 def quantize_model(ctx: Job) -> Iterator[Record]:
@@ -271,28 +286,19 @@ def quantize_model(ctx: Job) -> Iterator[Record]:
         if skipped:
             yield Note(f"  AWQ: {len(rows)} smoothing mappings applied, {skipped} skipped "
                        f"({'; '.join(sorted(set(report.awq_skipped.values()))) or 'incompatible shapes'})")
-    from quantstudy.config.schemes import bits_per_weight, info
+    from quantstudy.config.schemes import bits_per_weight
 
     if report.autoround_unquantized:  # said, not hidden: these layers stay full precision
         metrics.append(Metric("quantize.autoround_unquantized_layers",
                               float(sum(map(len, report.autoround_unquantized.values()))), report.autoround_unquantized))
         yield Note(f"  AutoRound left {sum(map(len, report.autoround_unquantized.values()))} layers unquantized")
-    spec = {"method": v.method.value, "bits": v.bits, "group_size": v.group_size, "symmetric": v.symmetric,
-            "ignore": list(v.ignore), "describe": v.describe(),
-            "scheme": v.scheme.value if v.scheme else f"W{v.bits}A16",
-            "activations": info(v.scheme).activations if v.scheme else None,
-            "smoothquant": v.smoothquant,
-            "autoround": ({**v.autoround.model_dump(), "enable_torch_compile": autoround_compile(v)}
-                          if v.method == Method.autoround else None),
-            **bits_per_weight(out_dir),
+    spec = {**variant_spec(v), **bits_per_weight(out_dir),
             "calibration": None if v.calibration is None else {
                 "source": v.calibration.source.value, "samples": v.calibration.samples,
                 "max_seq_len": v.calibration.max_seq_len, "seed": v.calibration.seed,
                 "chat_template": v.calibration.chat_template,
                 "chat_template_kwargs": ctx.cfg.model.chat_template_kwargs if v.calibration.chat_template else None,
                 "fingerprint": calib.fingerprint if calib else None},
-            "gptq": v.gptq.model_dump() if v.method == Method.gptq else None,
-            "awq": v.awq.model_dump() if v.method == Method.awq else None,
             "format": "compressed-tensors"}
     from quantstudy.runtime.environment import versions
 

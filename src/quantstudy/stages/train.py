@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -198,14 +197,12 @@ def describe(cfg: TrainConfig, n: int, bf16: bool = False) -> str:
 
 
 def save_model(model: Any, tok: Any, out_dir: Path, dtype: str) -> None:
-    """Write to `<out_dir>.tmp`, then rename: a killed run never leaves a half-written model."""
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    """Write to this attempt's own folder, then rename: a killed run never leaves a half-written model."""
+    tmp = models.attempt_dir(out_dir)
     model.to(getattr(torch, dtype)).save_pretrained(tmp)
     tok.save_pretrained(tmp)
     models.check_model_dir(tmp, field="train")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    models.publish(tmp, out_dir)
 
 
 def train_model(ctx: Job) -> Iterator[Record]:
