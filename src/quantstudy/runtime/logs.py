@@ -51,7 +51,6 @@ class Output:
         else:
             self.term = sys.stdout
         self.console = Console(file=self.term, highlight=False)
-        self.last_log: Path | None = None
         quiet_loguru(verbose)
 
     @property
@@ -63,7 +62,6 @@ class Output:
         """Everything written to stdout/stderr inside goes to `path` (appended: a resumed stage
         keeps the earlier attempt's log above a header line)."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.last_log = path
         sys.stdout.flush()
         sys.stderr.flush()
         with open(path, "ab", buffering=0) as f:

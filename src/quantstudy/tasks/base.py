@@ -54,10 +54,6 @@ class Item:
     def hash(self) -> str:  # content of the whole item: question, choices, gold
         return sha(json.dumps(self.doc, sort_keys=True, ensure_ascii=False))
 
-    @property
-    def question_hash(self) -> str:
-        return sha(" ".join(self.question.split()).lower())
-
 
 # ------------------------------------------------------------------ readers
 def need_file(task: str, path: Path, hub: str) -> Path:
