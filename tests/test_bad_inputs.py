@@ -102,6 +102,9 @@ CASES = [
     ("unsafe-study-name", dict(name="../x"), ["study name"]),
     ("train-calib-without-train", dict(calibration={"source": "train", "samples": 2},
                                        quantize=[{"method": "gptq", "group_size": 32}]), ["needs a `train:` section"]),
+    ("train-calib-rtn-smoothquant-without-train",  # RTN with SmoothQuant calibrates too
+     dict(calibration={"source": "train", "samples": 2},
+          quantize=[{"method": "rtn", "scheme": "W8A8", "smoothquant": {"strength": 0.5}}]), ["needs a `train:` section"]),
     ("negative-limit", dict(evaluate={"tasks": ["arc_easy"], "limit": -3}), ["evaluate.limit", "-3"]),
     ("lr-zero", dict(train={"learning_rate": 0}), ["train.learning_rate"]),
 ]

@@ -7,7 +7,6 @@ line that names the field, the value and the fix.
 from __future__ import annotations
 
 import difflib
-import re
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from quantstudy.errors import QuantStudyError
 from quantstudy.config.schema import (
-    CalibSource, CalibrationConfig, Device, Method, ModelConfig, QuantizeEntry, Strict, TaskName, TrainConfig,
+    CalibSource, CalibrationConfig, Device, Method, ModelConfig, QuantizeEntry, Strict, TaskName, TrainConfig, safe_name,
 )
 from quantstudy.config.evaluation import DecisionConfig, EvaluateConfig, FidelityConfig, LMEvalTaskSpec, TaskSpec
 
@@ -36,10 +35,11 @@ class StudyConfig(Strict):
 
     @model_validator(mode="after")
     def _train_calibration_needs_train(self) -> StudyConfig:
-        uses = [c for c in [self.calibration] + [e.calibration for e in self.quantize if e.calibration]
-                if c.source == CalibSource.train]
-        if uses and self.train is None and any(
-                m != Method.rtn for e in self.quantize for m in (e.method if isinstance(e.method, list) else [e.method])):
+        # The one place of this rule (the train and quantize stages rely on it). An entry calibrates
+        # unless it is plain RTN (config.variants.expand_variants: RTN without SmoothQuant ignores it).
+        calibrated = [e.calibration or self.calibration for e in self.quantize if e.smoothquant is not None
+                      or any(m != Method.rtn for m in (e.method if isinstance(e.method, list) else [e.method]))]
+        if self.train is None and any(c.source == CalibSource.train for c in calibrated):
             raise ValueError("calibration source 'train' needs a `train:` section in the study "
                              "(add one, or choose sharegpt/openmathinstruct2/gsm8k/wikitext/jsonl)")
         return self
@@ -64,7 +64,7 @@ class StudyConfig(Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", v):
+        if not safe_name(v):
             raise ValueError("study name may use letters, digits, '.', '_' and '-' only")
         return v
 

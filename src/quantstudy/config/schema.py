@@ -18,6 +18,11 @@ from quantstudy.errors import QuantStudyError
 from quantstudy.config.schemes import Scheme
 
 
+def safe_name(v: str) -> bool:
+    """A name that becomes a folder (the study's, a variant's): letters, digits, '.', '_', '-', so it stays inside its parent."""
+    return re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", v) is not None
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
     # Stage keys hash str(config section). Fields added after studies were run are listed here:
@@ -212,7 +217,7 @@ class QuantizeEntry(Strict):
     @classmethod
     def _safe_name(cls, v: str | None) -> str | None:
         # a variant name becomes a directory under <study>/models: keep it inside
-        if v is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", v):
+        if v is not None and not safe_name(v):
             raise ValueError("variant name may use letters, digits, '.', '_' and '-' only (it names a folder)")
         return v
 
