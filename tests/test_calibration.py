@@ -77,13 +77,8 @@ def test_bad_jsonl_names_the_file(tmp_path):
         load_conversations("jsonl", None, f)
 
 
-def test_train_source_without_training_is_an_error(tmp_path):
-    with pytest.raises(QuantStudyError, match="needs a `train:` section"):
-        build_calibration(CalibrationConfig(source="train", samples=2), PlainTok(), None, tmp_path)
-
-
 def test_calibration_on_evaluated_text_is_refused() -> None:
-    from quantstudy.data.calibration import check_held_out
+    from quantstudy.data.heldout import check_held_out
     from quantstudy.config import parse_config
 
     def study(calib: str, tasks: list[str], fidelity: bool) -> tuple:

@@ -16,7 +16,8 @@ from rich.console import Console
 
 from quantstudy.config import TaskName, TaskSpec, parse_config
 from quantstudy.runtime.context import RunContext
-from quantstudy.stages.evaluate import make_scorer, select_items
+from quantstudy.stages.evaluate import make_scorer
+from quantstudy.tasks.selection import select_items
 from quantstudy.scoring.protocol import GenRequest, LLRequest
 from quantstudy.store import ModelRecord, Store
 from quantstudy.study import run_stage
@@ -80,14 +81,14 @@ def test_select_items_first_random_and_stable(tmp_path: Path, data_dir: Path) ->
     first = make_ctx(tmp_path, data_dir, limit=20)
     rand = make_ctx(tmp_path, data_dir, limit=20, limit_mode="random")
     spec = TaskSpec(name=TaskName.arc_easy, limit=20)
-    ids_first = [it.id for it in select_items(first, spec)]
-    ids_rand = [it.id for it in select_items(rand, spec)]
-    assert ids_first == [it.id for it in select_items(first, TaskSpec(name=TaskName.arc_easy))][:20]
-    assert ids_rand == [it.id for it in select_items(rand, spec)] and ids_rand != ids_first
+    ids_first = [it.id for it in select_items(spec, first.cfg.evaluate, data_dir)]
+    ids_rand = [it.id for it in select_items(spec, rand.cfg.evaluate, data_dir)]
+    assert ids_first == [it.id for it in select_items(TaskSpec(name=TaskName.arc_easy), first.cfg.evaluate, data_dir)][:20]
+    assert ids_rand == [it.id for it in select_items(spec, rand.cfg.evaluate, data_dir)] and ids_rand != ids_first
     other_seed = make_ctx(tmp_path, data_dir, limit=20, limit_mode="random", seed=7)
-    assert [it.id for it in select_items(other_seed, spec)] != ids_rand
-    assert len(select_items(first, TaskSpec(name=TaskName.wikitext, limit=50))) == 3  # limit > items: all
-    mmlu = select_items(first, TaskSpec(name=TaskName.mmlu, limit=57))
+    assert [it.id for it in select_items(spec, other_seed.cfg.evaluate, data_dir)] != ids_rand
+    assert len(select_items(TaskSpec(name=TaskName.wikitext, limit=50), first.cfg.evaluate, data_dir)) == 3  # limit > items: all
+    mmlu = select_items(TaskSpec(name=TaskName.mmlu, limit=57), first.cfg.evaluate, data_dir)
     assert len({it.doc["subject"] for it in mmlu}) == 57 and all(it.id.endswith("/0") for it in mmlu)
 
 

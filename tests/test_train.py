@@ -12,7 +12,7 @@ import torch
 from rich.console import Console
 
 from quantstudy.stages import train, train_head
-from quantstudy.data import train_data
+from quantstudy.data import heldout, train_data
 from quantstudy.config import TrainConfig, parse_config
 from quantstudy.runtime.context import RunContext
 from quantstudy.errors import QuantStudyError
@@ -378,9 +378,9 @@ def test_guard_raises_naming_the_items():
     train_set = {h("What is 2+2?"): "omi2-7", h("Name a prime."): "omi2-9"}
     evaluated = {h("  what IS 2+2? "): "gsm8k/test-12", h("Unrelated"): "arc_easy/Mercury_1"}
     with pytest.raises(QuantStudyError) as e:
-        train_data.guard_overlap(train_set, evaluated)
+        heldout.guard_overlap(train_set, evaluated)
     assert "gsm8k/test-12" in str(e.value) and "omi2-7" in str(e.value) and "Mercury_1" not in str(e.value)
-    train_data.guard_overlap(train_set, {h("Unrelated"): "arc_easy/Mercury_1"})  # disjoint: fine
+    heldout.guard_overlap(train_set, {h("Unrelated"): "arc_easy/Mercury_1"})  # disjoint: fine
 
 
 def test_selection_holds_out_evaluated_items_and_repeats():
@@ -400,10 +400,9 @@ def test_plan_samples_user_file_overlapping_evaluation_is_an_error(tmp_path, mon
     (tmp_path / "d.jsonl").write_text(json.dumps({"prompt": "What is 2+2?", "response": "4"}) + "\n")
     cfg = parse_config({"name": "t", "model": {"source": "a/b"},
                         "train": {"source": "jsonl", "path": "d.jsonl", "samples": 1}})
-    ctx = RunContext(cfg, tmp_path, tmp_path, Store(tmp_path / "s.sqlite"), None, "cpu", quiet())
-    monkeypatch.setattr(train, "evaluated_hashes", lambda ctx: {train_data.text_hash("what is 2+2?"): "gsm8k/q1"})
+    monkeypatch.setattr(heldout, "evaluated_hashes", lambda cfg, data_dir: {train_data.text_hash("what is 2+2?"): "gsm8k/q1"})
     with pytest.raises(QuantStudyError, match="gsm8k/q1"):
-        train.plan_samples(ctx)
+        heldout.plan_samples(cfg, None, tmp_path)
 
 
 def test_plan_samples_holds_out_evaluated_items_of_the_same_data(shared_data, tmp_path):
@@ -411,13 +410,12 @@ def test_plan_samples_holds_out_evaluated_items_of_the_same_data(shared_data, tm
     evaluated problems never reach training; calibration reuses exactly these samples."""
     cfg = parse_config({"name": "t", "model": {"source": "a/b"}, "train": {"samples": 200},
                         "evaluate": {"tasks": [{"name": "openmathinstruct2", "limit": 30}], "speed": None}})
-    ctx = RunContext(cfg, tmp_path, tmp_path, Store(tmp_path / "s.sqlite"), shared_data, "cpu", quiet())
-    samples, held_out = train.plan_samples(ctx)
+    samples, held_out = heldout.plan_samples(cfg, shared_data, tmp_path)
     raw = json.loads((shared_data / "openmathinstruct-2/openmathinstruct-2-train.json").read_text())
     evaluated = {" ".join(r["problem"].split()) for r in raw[:30]}
     assert len(samples) == 200 and held_out >= 30
     assert not evaluated & {" ".join(c.messages[0][1].split()) for c in samples}
-    assert [c.id for c in train.plan_samples(ctx)[0]] == [c.id for c in samples]  # deterministic
+    assert [c.id for c in heldout.plan_samples(cfg, shared_data, tmp_path)[0]] == [c.id for c in samples]  # deterministic
 
 
 def test_user_file_with_an_evaluated_question_names_it(shared_data, tmp_path):
@@ -427,9 +425,8 @@ def test_user_file_with_an_evaluated_question_names_it(shared_data, tmp_path):
     cfg = parse_config({"name": "t", "model": {"source": "a/b"},
                         "train": {"source": "jsonl", "path": "d.jsonl", "samples": 2},
                         "evaluate": {"tasks": [{"name": "gsm8k", "limit": 5}], "speed": None}})
-    ctx = RunContext(cfg, tmp_path, tmp_path, Store(tmp_path / "s.sqlite"), shared_data, "cpu", quiet())
     with pytest.raises(QuantStudyError, match=r"1 training samples are evaluation items: gsm8k/test/0"):
-        train.plan_samples(ctx)
+        heldout.plan_samples(cfg, shared_data, tmp_path)
 
 
 # ----------------------------------------------------------------------------- real model
@@ -443,7 +440,7 @@ def test_smollm2_lora_trains_merges_and_evaluates(smollm2_dir, shared_data, tmp_
                         "train": {"samples": 32, "max_steps": 4}})
     ctx = RunContext(cfg, tmp_path, tmp_path, Store(tmp_path / "s.sqlite"), shared_data, "cpu", quiet())
     rec = run_stage(ctx, "train", ModelRecord("base", "baseline", str(smollm2_dir)), made="trained", out_dir=tmp_path / "models" / "trained")
-    used = {c.id for c in train.plan_samples(ctx)[0]}
+    used = {c.id for c in heldout.plan_samples(cfg, shared_data, tmp_path)[0]}
     held = [c for c in train_data.load_pool(cfg.train, shared_data, tmp_path) if c.id not in used][:16]
     base_m, tok = load_pretrained(smollm2_dir)
     trained_m, _ = load_pretrained(Path(rec.path))

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from quantstudy.data import chat
-from quantstudy.config import CalibrationConfig, CalibSource, StudyConfig, TaskName
+from quantstudy.config import CalibrationConfig, CalibSource
 from quantstudy.errors import QuantStudyError
+from quantstudy.data.heldout import check_held_out  # noqa: F401  (moved; study.py still imports it from here)
 from quantstudy.data.sources import Conversation, load_conversations
 
 
@@ -62,10 +63,8 @@ def build_calibration(calib: CalibrationConfig, tokenizer: Any, data_dir: Path |
     """Pick `calib.samples` samples from the configured source and render them."""
     n = int(calib.samples)  # type: ignore[arg-type]  # lists are expanded before this point
     if calib.source == CalibSource.train:
-        if train_pool is None:
-            raise QuantStudyError("calibration source 'train' needs a `train:` section in the study",
-                                  field="calibration.source", value="train",
-                                  fix="add `train:` or choose sharegpt/openmathinstruct2/gsm8k/wikitext/jsonl")
+        # config/load.py refuses `train` calibration in a study without a `train:` section
+        assert train_pool is not None, "calibration source 'train' needs the study's training samples"
         pool = train_pool
     else:
         pool = load_conversations(calib.source.value, data_dir, resolve_path(calib, base))
@@ -86,25 +85,3 @@ def tokenize(cs: CalibrationSet, tokenizer: Any, max_seq_len: int) -> Any:
     # The rendered chat template already carries the special tokens it needs.
     enc = tokenizer(cs.texts, truncation=True, max_length=max_seq_len, add_special_tokens=False)
     return Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
-
-
-def check_held_out(cfg: StudyConfig, calibs: list[tuple[str, CalibrationConfig]], offline: bool) -> None:
-    """Calibration must not see the text a study evaluates on. Offline, `wikitext` calibration
-    reads wiki.test.raw (the data dir holds only the test split), the same text the wikitext
-    task and the fidelity stage score; `openmathinstruct2` calibration and evaluation both draw
-    from the same rows, online and offline. (gsm8k calibrates on train, evaluates on test.)"""
-    tasks = {s.name for s in cfg.evaluate.task_specs()} if cfg.evaluate else set()
-    for where, c in calibs:
-        uses: list[str] = []
-        if c.source == CalibSource.wikitext and offline:
-            uses += ["evaluate task wikitext"] if TaskName.wikitext in tasks else []
-            uses += ["fidelity.source wikitext"] if cfg.fidelity and cfg.fidelity.source == "wikitext" else []
-        if c.source == CalibSource.openmathinstruct2 and TaskName.openmathinstruct2 in tasks:
-            uses.append("evaluate task openmathinstruct2")
-        if uses:
-            raise QuantStudyError(f"the calibration text is also evaluation text ({', '.join(uses)}): a variant "
-                                  "calibrated on it would be scored on what it was fitted to",
-                                  field=where, value=c.source.value,
-                                  fix="calibrate on another source (sharegpt, gsm8k, jsonl, train) or drop that "
-                                      "task / fidelity text" + (", or use the hub's wikitext train split (no data_dir)"
-                                                                if c.source == CalibSource.wikitext else ""))

@@ -1,14 +1,12 @@
-"""Training data for the SFT stage: the pool, sample selection and the held-out guard.
+"""Training data for the SFT stage: the pool, sample selection, the rows TRL trains on.
 
 Rows come from `sources.load_conversations` (shared with calibration): OpenMathInstruct-2
 problem -> generated_solution, GSM8K question -> answer, ShareGPT `conversations`, or a
 local JSONL with prompt/response or messages. Each becomes a `Conversation` that ends with
 the assistant reply the model learns (completion-only loss trains that last reply).
 
-Held-out guard: an evaluated item's question must never be a training prompt (same
-`text_hash`). Built-in pools (OpenMathInstruct-2, GSM8K, ShareGPT) are sampled around the
-evaluated items; data the user names explicitly (source `jsonl`) is used as given, so an
-overlap there is a `QuantStudyError` that names the items.
+`text_hash` is the unit the held-out guard (heldout.py) compares: an evaluated item's question
+must never be a training prompt.
 """
 
 from __future__ import annotations
@@ -16,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import random
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from quantstudy.config import TrainConfig
 from quantstudy.errors import QuantStudyError
@@ -84,25 +82,6 @@ def select_samples(pool: list[Conversation], n: int, seed: int, exclude: set[str
                                   "data, or use a larger source")
     random.Random(seed).shuffle(usable)
     return usable[:n], held_out
-
-
-def guard_overlap(train: dict[str, str], evaluated: dict[str, str]) -> None:
-    """Raise if a training text hash is an evaluated item's hash.
-
-    train: text hash -> training sample id; evaluated: text hash -> "<task>/<item id>".
-    """
-    both = sorted(set(train) & set(evaluated), key=lambda h: evaluated[h])
-    if both:
-        names = [f"{evaluated[h]} (training sample {train[h]})" for h in both]
-        shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
-        raise QuantStudyError(f"{len(both)} training samples are evaluation items: {shown}",
-                              field="train", value=len(both),
-                              fix="remove these rows from the training file, or evaluate other items")
-
-
-def train_hashes(samples: Iterable[Conversation]) -> dict[str, str]:
-    """text hash -> sample id over every prompt hash of every sample (guard input)."""
-    return {h: c.id for c in samples for h in prompt_hashes(c)}
 
 
 def as_records(samples: list[Conversation], chat: bool, chat_kwargs: dict[str, Any] | None = None

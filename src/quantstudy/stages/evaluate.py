@@ -11,20 +11,20 @@ selected items, stored and new.
 from __future__ import annotations
 
 import logging
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 from quantstudy import store as st
-from quantstudy.config import EvalBackend, LimitMode, StudyConfig, TaskSpec
+from quantstudy.config import EvalBackend, StudyConfig, TaskSpec
 from quantstudy.records import ItemBatch, Metric, Metrics, Record
 from quantstudy.errors import QuantStudyError
 from quantstudy.scoring.protocol import GenRequest, LLRequest, Scorer
 from quantstudy.tasks import Item, Kind, Task, build_context, continuation_prefix, get_task, pick_fewshot
 from quantstudy.data.chat import Think, kwargs_tag, merged_kwargs, render
 from quantstudy.tasks.base import ChatFn, sha
+from quantstudy.tasks.selection import select_items
 from quantstudy.runtime.faults import failpoint
 from quantstudy.stages.protocol import Job, StageName
 
@@ -52,21 +52,6 @@ def make_scorer(ctx: Job, model: Any, tokenizer: Any) -> Scorer:
     from quantstudy.scoring.lmeval_backend import LMEvalScorer
 
     return LMEvalScorer(model, tokenizer, batch_size=bs, device=ctx.device)
-
-
-def select_items(ctx: Job, spec: TaskSpec) -> list[Item]:
-    """The task's items after `limit`; identical for every model (depends on data, seed, limit only)."""
-    items = get_task(spec.name).eval_items(ctx.data_dir)
-    n = spec.limit
-    if n is None or n >= len(items):
-        return items
-    if n < 1:
-        raise QuantStudyError("limit must be >= 1", field="evaluate.limit", value=n, fix="use a positive limit or none")
-    if ctx.cfg.evaluate.limit_mode is LimitMode.first:
-        return items[:n]
-    # a string seed is hashed with SHA-512 by `random`: stable across processes and platforms
-    rnd = random.Random(f"{ctx.cfg.evaluate.seed}:{spec.name.value}")
-    return [items[i] for i in sorted(rnd.sample(range(len(items)), n))]
 
 
 def chat_fn(tokenizer: Any, kwargs: dict[str, Any] | None = None) -> ChatFn:
@@ -200,7 +185,7 @@ def evaluate_model(ctx: Job) -> Iterator[Record]:
     lazy, progress = _Model(ctx, model), ctx.progress
     for spec in ecfg.task_specs():
         task = get_task(spec.name)
-        items = select_items(ctx, spec)
+        items = select_items(spec, ecfg, ctx.data_dir)
         use_chat = bool(spec.chat_template) and task.kind is not Kind.rolling
         kwargs = merged_kwargs(ctx.cfg.model.chat_template_kwargs, spec.chat_template_kwargs) if use_chat else {}
         chat = chat_fn(lazy.tokenizer(), kwargs) if use_chat else None

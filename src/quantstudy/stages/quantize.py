@@ -265,9 +265,9 @@ def quantize_model(ctx: Job) -> Iterator[Record]:
         if v.calibration is not None:
             train_pool = None
             if v.calibration.source.value == "train":
-                from quantstudy.stages.train import plan_samples
+                from quantstudy.data.heldout import plan_samples
 
-                train_pool = plan_samples(ctx)[0]  # the exact samples the model was trained on
+                train_pool = plan_samples(ctx.cfg, ctx.data_dir, ctx.config_dir)[0]  # the samples the model was trained on
             calib = build_calibration(v.calibration, tok, ctx.data_dir, ctx.config_dir, train_pool,
                                       ctx.cfg.model.chat_template_kwargs)
             dataset = tokenize(calib, tok, v.calibration.max_seq_len)

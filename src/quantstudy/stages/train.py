@@ -1,6 +1,6 @@
 """SFT stage: TRL's SFTTrainer, full fine-tuning or LoRA (PEFT) merged into the weights.
 
-`train_model(job)` trains the baseline on `cfg.train`'s samples (see data/train_data.py),
+`train_model(job)` trains the baseline on `cfg.train`'s samples (data/heldout.py plans them),
 merges LoRA into float32 weights, saves safetensors + tokenizer to a temporary folder and
 renames it to `job.out_dir`, and yields the trained model with its loss curve and metrics.
 
@@ -29,7 +29,8 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from quantstudy.runtime import modeldir as models
 from quantstudy.data import train_data
-from quantstudy.config import StudyConfig, TrainConfig, TrainMethod, TrainSource
+from quantstudy.data.heldout import plan_samples
+from quantstudy.config import StudyConfig, TrainConfig, TrainMethod
 from quantstudy.records import MadeModel, Metric, Note, Record
 from quantstudy.runtime import environment
 from quantstudy.stages.protocol import Job, QuietProgress, StageName
@@ -161,35 +162,6 @@ def loss_curve(trainer: Any) -> list[tuple[float, float]]:
     return [(float(e["step"]), float(e["loss"])) for e in trainer.state.log_history if "loss" in e and "step" in e]
 
 
-def evaluated_hashes(ctx: Job) -> dict[str, str]:
-    """text hash of each evaluated item's question -> "<task>/<item id>" (held-out guard input)."""
-    from quantstudy.stages.evaluate import select_items
-
-    if ctx.cfg.evaluate is None:
-        return {}
-    return {train_data.text_hash(item.question): f"{spec.name.value}/{item.id}"
-            for spec in ctx.cfg.evaluate.task_specs() for item in select_items(ctx, spec) if item.question.strip()}
-
-
-def plan_samples(ctx: Job) -> tuple[list[Conversation], int]:
-    """The exact training samples of this study (also the `train` calibration source) and how
-    many pool rows were held out as evaluation items. Raises if a training text is evaluated."""
-    cfg = _train_cfg(ctx)
-    pool = train_data.load_pool(cfg, ctx.data_dir, ctx.config_dir)  # relative paths start at the study file
-    evaluated = evaluated_hashes(ctx)
-    # Built-in pools are sampled around the evaluated items; a user's own file is used as is.
-    exclude = set() if cfg.source == TrainSource.jsonl else set(evaluated)
-    samples, held_out = train_data.select_samples(pool, cfg.samples, cfg.seed, exclude)
-    train_data.guard_overlap(train_data.train_hashes(samples), evaluated)
-    return samples, held_out
-
-
-def _train_cfg(ctx: Job) -> TrainConfig:
-    if ctx.cfg.train is None:
-        raise QuantStudyError("the study has no `train:` section", field="train", fix="add a `train:` section")
-    return ctx.cfg.train
-
-
 def describe(cfg: TrainConfig, n: int, bf16: bool = False) -> str:
     how = f"LoRA r{cfg.lora.r}" if cfg.method == TrainMethod.lora else "full"
     span = f"{cfg.max_steps} steps" if cfg.max_steps else f"{cfg.epochs:g} epoch(s)"
@@ -211,8 +183,8 @@ def train_model(ctx: Job) -> Iterator[Record]:
     import trl
 
     base, out_dir, name = ctx.model, ctx.out_dir, ctx.name
-    cfg = _train_cfg(ctx)
-    samples, held_out = plan_samples(ctx)
+    cfg = ctx.cfg.train
+    samples, held_out = plan_samples(ctx.cfg, ctx.data_dir, ctx.config_dir)
     if held_out:
         yield Note(f"[dim]train: {held_out} pool rows held out because the study evaluates them[/]")
     ids_hash = hashlib.sha256("\n".join(c.text_hash for c in samples).encode()).hexdigest()[:16]
