@@ -136,12 +136,17 @@ def plan(config: Path, data_dir: Optional[Path] = DataDir, debug: bool = Debug,
 
 @app.command()
 def run(config: Path, data_dir: Optional[Path] = DataDir, fmt: str = typer.Option("md,html,json", "--format"),
-        debug: bool = Debug, verbose: bool = Verbose) -> None:
+        debug: bool = Debug, verbose: bool = Verbose,
+        ray_address: Optional[str] = typer.Option(None, "--ray-address", help="run the stages as Ray tasks on this "
+                                                  "cluster: auto, HOST:PORT or ray://... (default: $RAY_ADDRESS, "
+                                                  "else in this process)")) -> None:
     """Run the whole study (cached stages are skipped) and write the report."""
+    from quantstudy.runtime.cluster import ray_address as address_of
     from quantstudy.study import run_study
 
     formats = parse_formats(fmt)
     with friendly_errors(debug), open_study(config, data_dir, debug, verbose=verbose) as ctx:
+        ctx.ray_address = address_of(ray_address)
         t0 = time.perf_counter()
         summary(ctx, run_study(ctx, formats), time.perf_counter() - t0)
 

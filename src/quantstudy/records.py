@@ -10,6 +10,7 @@ another machine, and one stage's output is never half written:
              the batch in flight), with the metrics that go with them.
   Metrics    scalar results of one model (aggregates, speed, fidelity).
   Note       a line for the console (what the stage wants the user to know).
+  Provenance where a stage ran (node, hardware, library versions): kept with the stage's done row.
 """
 
 from __future__ import annotations
@@ -81,4 +82,11 @@ class Note:
     text: str  # rich markup allowed
 
 
-Record = MadeModel | ItemBatch | Metrics | Note
+@dataclass
+class Provenance:
+    node: str
+    hardware: dict[str, Any]
+    versions: dict[str, str]
+
+
+Record = MadeModel | ItemBatch | Metrics | Note | Provenance

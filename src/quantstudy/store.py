@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from quantstudy.errors import QuantStudyError
-from quantstudy.records import ItemBatch, ItemRecord, MadeModel, Metric, Metrics, ModelRecord, Note, Record
+from quantstudy.records import (ItemBatch, ItemRecord, MadeModel, Metric, Metrics, ModelRecord, Note, Provenance,
+                                Record)
 
 SCHEMA_VERSION = 1
 
@@ -210,8 +211,8 @@ class Store:
     # ---------------------------------------------------------------- the one writer
     def write(self, rec: Record, stage_key: str | None = None) -> None:
         """Write one record of a stage, in one transaction (the driver's only way in)."""
-        if isinstance(rec, Note):
-            return
+        if isinstance(rec, (Note, Provenance)):
+            return  # printed by the driver / kept with the stage's done row
         with self.tx():
             if isinstance(rec, MadeModel):
                 self._made(rec, stage_key)

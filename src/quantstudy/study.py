@@ -292,6 +292,20 @@ def execute(ctx: RunContext, steps: list[Step], wanted: Callable[[Step], bool] =
     for stage in dict.fromkeys(s.stage for s in chosen):  # the stage list: one line per kind of stage
         models = [f"{s.model}{' (cached)' if s.cached else ''}" for s in chosen if s.stage == stage]
         con.print(f"  {stage}: {', '.join(models)}", highlight=False, soft_wrap=True)
+    if ctx.ray_address:  # the same stages as Ray tasks, in DAG order; this process still writes the store
+        from quantstudy.runtime.cluster import execute_ray
+
+        def started(s: Step) -> None:
+            ctx.store.stage_start(s.key, s.stage, s.model)
+            con.print(f"[bold]{s.stage} {s.model}[/] started", highlight=False)
+
+        def finished(s: Step, artifact: str | None, where: dict) -> None:
+            ctx.store.stage_finish(s.key, artifact, {"seconds": s.seconds, **where})
+            con.print(f"[green]{s.stage} {s.model} done[/] in {clock(s.seconds or 0)} on {where.get('node', '?')}: "
+                      f"{headline(ctx.store, s.stage, s.model)}", highlight=False, soft_wrap=True)
+
+        execute_ray(ctx, steps, wanted, ctx.ray_address, started, finished)
+        return
     for i, s in enumerate(steps, 1):
         # re-checked here: re-making a model invalidates the stages computed on its old weights
         if not wanted(s) or is_done(ctx, s):

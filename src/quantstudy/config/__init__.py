@@ -13,4 +13,5 @@ from quantstudy.config.evaluation import (
     DecisionConfig, EvalBackend, EvaluateConfig, FidelityConfig, LMEvalTaskSpec, MarginKind, SpeedBackend,
     SpeedConfig, TaskDecision, TaskSpec,
 )
+from quantstudy.config.cluster import ClusterConfig, StageResources
 from quantstudy.config.load import StudyConfig, dump_config, load_config, parse_config, study_dir

@@ -12,6 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from quantstudy.config.cluster import ClusterConfig
 from quantstudy.errors import QuantStudyError
 from quantstudy.config.schema import (
     CalibSource, CalibrationConfig, Device, Method, ModelConfig, QuantizeEntry, Strict, TaskName, TrainConfig, safe_name,
@@ -32,6 +33,7 @@ class StudyConfig(Strict):
     evaluate: EvaluateConfig | None = EvaluateConfig()
     fidelity: FidelityConfig | None = None
     decision: DecisionConfig = DecisionConfig()
+    cluster: ClusterConfig | None = None  # Ray resources per stage (`run --ray-address`); no cache key uses it
 
     @model_validator(mode="after")
     def _train_calibration_needs_train(self) -> StudyConfig:

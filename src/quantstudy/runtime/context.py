@@ -25,6 +25,7 @@ class RunContext:
     console: Console
     debug: bool = False
     output: Any = None  # logs.Output: where library output goes per stage (None: not captured)
+    ray_address: str | None = None  # run stages as Ray tasks on this cluster (None: in this process)
 
     @property
     def data_id(self) -> str:
