@@ -110,13 +110,23 @@ def plan(config: Path, data_dir: Optional[Path] = DataDir, debug: bool = Debug,
             vt.add_row(v.name, v.describe(), "-" if c is None else f"{c.samples} x <= {c.max_seq_len} tokens, "
                        f"{c.source.value}, seed {c.seed}")
         console.print(vt)
-        st = Table("#", "stage", "model", "status", "~time", title="stages")
         steps = make_plan(ctx)
         secs = estimate.stage_seconds(ctx, steps)
+        cols = ["#", "stage", "model", "status", "~time"]
+        if ctx.cfg.cluster is not None:  # which stages a Ray run (`run --ray-address`) can start together
+            from quantstudy.runtime.cluster import waves
+
+            cols.append("Ray round")
+            rounds = waves(steps)
+        st = Table(*cols, title="stages")
         for i, (s, sec) in enumerate(zip(steps, secs), 1):
-            st.add_row(str(i), s.stage, s.model, "[green]cached[/]" if s.cached else "[yellow]will run[/]",
-                       "" if s.cached else estimate.rough(sec))
+            row = [str(i), s.stage, s.model, "[green]cached[/]" if s.cached else "[yellow]will run[/]",
+                   "" if s.cached else estimate.rough(sec)]
+            st.add_row(*row, *([str(rounds[i - 1])] if ctx.cfg.cluster is not None else []))
         console.print(st)
+        if ctx.cfg.cluster is not None:
+            console.print("Ray round: on a cluster with enough workers, stages of the same round run at the same "
+                          "time; measure stages run one at a time, alone, after the rest", highlight=False)
         params, how = estimate.model_params(ctx)
         console.print(f"estimated run time: {estimate.rough(sum(secs))} for {sum(not s.cached for s in steps)} stage(s); "
                       f"model {params / 1e6:.0f}M parameters ({how}); {estimate.NOTE}", highlight=False)

@@ -96,6 +96,24 @@ def check_shared(ray: Any, folder: Path) -> None:
         probe.unlink(missing_ok=True)
 
 
+def check_resources(ray: Any, ccfg: Any, stages: set[str]) -> None:
+    """Each stage kind must fit on some live node, or it would wait forever: say so now instead."""
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    for name in sorted(stages):
+        res = getattr(ccfg, name)
+        need = {"CPU": res.num_cpus, "GPU": res.num_gpus, **res.resources}
+        if res.memory:
+            need["memory"] = res.memory
+        need = {k: v for k, v in need.items() if v}
+        if not any(all(node.get(k, 0) >= v for k, v in need.items()) for node in nodes):
+            have = "; ".join(", ".join(f"{k} {v:g}" for k, v in sorted(n.items()) if not k.startswith("node:"))
+                             for n in nodes)
+            raise QuantStudyError(f"no node of the cluster can run the {name} stage: it asks for "
+                                  f"{', '.join(f'{k} {v:g}' for k, v in need.items())}; nodes have: {have or 'none'}",
+                                  field=f"cluster.{name}", fix="lower the request in the study's cluster: section, "
+                                  "or add a node that has it")
+
+
 def execute_ray(ctx: Any, steps: list[Any], wanted: Callable[[Any], bool], address: str,
                 on_start: Callable[[Any], None], on_done: Callable[[Any, str | None, dict], None]) -> None:
     """Run the wanted, not yet done steps on the cluster at `address` (see the module docstring)."""
@@ -109,6 +127,7 @@ def execute_ray(ctx: Any, steps: list[Any], wanted: Callable[[Any], bool], addre
     check_shared(ray, shared / "models")
     versions = environment.versions()
     todo = [s for s in steps if wanted(s) and not is_done(ctx, s)]
+    check_resources(ray, ccfg, {s.stage for s in todo})
     maker = {s.model: s for s in steps if s.stage in MAKE}
     running: dict[Any, Any] = {}  # streaming generator -> step
     failed: dict[str, str] = {}  # step label -> why
@@ -192,6 +211,27 @@ def execute_ray(ctx: Any, steps: list[Any], wanted: Callable[[Any], bool], addre
     if failed:
         raise QuantStudyError("stages failed on the cluster: " + "; ".join(f"{k} ({v})" for k, v in failed.items()),
                               fix="read each stage's log under logs/, fix the cause and run again (done stages are kept)")
+
+
+def waves(steps: list[Any]) -> list[int]:
+    """For `plan`: the earliest round each stage could start in on a big enough cluster, by the
+    executor's rules (after the models it reads; fidelity per parent in turn; measure alone, last).
+    Stages with the same number can run at the same time."""
+    maker = {s.model: i for i, s in enumerate(steps) if s.stage in MAKE}
+    wave: list[int] = [0] * len(steps)
+    last_fid: dict[str, int] = {}
+    for i, s in enumerate(steps):  # plan order is topological
+        reads = s.parents if s.stage in MAKE else [s.model, *s.parents]
+        wave[i] = 1 + max([wave[maker[m]] for m in reads if m in maker and maker[m] != i] or [0])
+        if s.stage == "fidelity":
+            wave[i] = max(wave[i], last_fid.get(s.parents[0], 0) + 1)
+            last_fid[s.parents[0]] = wave[i]
+    top = max([w for w, s in zip(wave, steps) if s.stage != "measure"] or [0])
+    for i, s in enumerate(steps):
+        if s.stage == "measure":
+            top += 1
+            wave[i] = top
+    return wave
 
 
 def ray_address(flag: str | None) -> str | None:
