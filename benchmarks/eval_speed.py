@@ -238,7 +238,7 @@ def main() -> None:
     a.limit = a.limit if a.limit is not None else DEFAULT_LIMIT[a.task]
     if a.items:
         a.items = [int(x) for x in a.items.split(":")]
-        if a.only != "lmeval" or a.task not in GENERATIVE or not 0 <= a.items[0] < a.items[1] <= a.limit:
+        if (a.worker or a.only) != "lmeval" or a.task not in GENERATIVE or not 0 <= a.items[0] < a.items[1] <= a.limit:
             p.error(f"--items {a.items[0]}:{a.items[1]}: needs --only lmeval, a generative task and "
                     f"0 <= A < B <= --limit ({a.limit})")
     if a.worker:
