@@ -23,7 +23,8 @@ def _study(root: Path, shared_data: Path, name: str, **extra) -> Path:
         make_tiny_model(root / "tiny", hidden=64)
     cfg = {"name": name, "output_dir": f"out-{name}", "data_dir": str(shared_data), "model": {"source": "tiny"},
            "quantize": [{"method": "rtn", "group_size": [32, 64]}],
-           "evaluate": {"tasks": [{"name": "arc_easy", "limit": 8}], "speed": None, "batch_size": 4},
+           "evaluate": {"tasks": [{"name": "arc_easy", "limit": 8}, {"name": "wikitext", "limit": 2}], "speed": None,
+                        "batch_size": 4},
            "fidelity": {"tokens": 256, "context_length": 64, "top_k": 16}, **extra}
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))

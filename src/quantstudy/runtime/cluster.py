@@ -134,6 +134,7 @@ def execute_ray(ctx: Any, steps: list[Any], wanted: Callable[[Any], bool], addre
     t0: dict[int, float] = {}  # id(step) -> start
     made: dict[int, str] = {}  # id(step) -> path of the model it made
     where: dict[int, dict] = {}  # id(step) -> node, hardware, versions it ran with
+    shares: dict[int, int] = {}  # id(step) -> its tasks still running
 
     def label(s: Any) -> str:
         return f"{s.stage} {s.model}"
@@ -169,10 +170,15 @@ def execute_ray(ctx: Any, steps: list[Any], wanted: Callable[[Any], bool], addre
                     "max_retries": ccfg.max_retries, "num_returns": "streaming"}
             if res.memory:
                 opts["memory"] = res.memory
-            log = ctx.study_dir / "logs" / f"{s.stage}-{s.model}.log"
             on_start(s)
             t0[id(s)] = time.perf_counter()
-            running[ray.remote(_worker).options(**opts).remote(job, versions, res.num_cpus, str(log))] = s
+            # evaluate: one task per task entry of the model (its items stream back batch by batch)
+            parts = [[k] for k in task_keys(ctx.cfg)] if s.stage == "evaluate" else [None]
+            shares[id(s)] = len(parts)
+            for part in parts:
+                log = ctx.study_dir / "logs" / f"{s.stage}-{s.model}{'-' + part[0] if part else ''}.log"
+                running[ray.remote(_worker).options(**opts).remote(replace(job, tasks=part), versions,
+                                                                   res.num_cpus, str(log))] = s
         if not running:
             if todo:  # nothing can start: a resource no node has would hang here
                 raise QuantStudyError(f"no stage can start ({', '.join(label(s) for s in todo)})",
@@ -191,11 +197,14 @@ def execute_ray(ctx: Any, steps: list[Any], wanted: Callable[[Any], bool], addre
                 rec = ray.get(ref)
             except StopIteration:
                 del running[gen]
-                s.seconds = time.perf_counter() - t0[id(s)]
-                on_done(s, made.get(id(s)), where.get(id(s), {}))
+                shares[id(s)] -= 1
+                if shares[id(s)] == 0 and label(s) not in failed:  # its last task ended
+                    s.seconds = time.perf_counter() - t0[id(s)]
+                    on_done(s, made.get(id(s)), where.get(id(s), {}))
                 continue
             except Exception as e:  # the stage raised, or Ray gave up on it: this stage fails, others go on
                 del running[gen]
+                shares[id(s)] -= 1
                 cause = getattr(e, "cause", None) or e
                 failed[label(s)] = f"{type(cause).__name__}: {str(cause).splitlines()[0][:300] if str(cause) else ''}"
                 ctx.console.print(f"[red]{label(s)} failed[/]: {failed[label(s)]}", highlight=False, soft_wrap=True)
@@ -211,6 +220,12 @@ def execute_ray(ctx: Any, steps: list[Any], wanted: Callable[[Any], bool], addre
     if failed:
         raise QuantStudyError("stages failed on the cluster: " + "; ".join(f"{k} ({v})" for k, v in failed.items()),
                               fix="read each stage's log under logs/, fix the cause and run again (done stages are kept)")
+
+
+def task_keys(cfg: Any) -> list[str]:
+    """The evaluate stage's task entries, each its own Ray task."""
+    ecfg = cfg.evaluate
+    return [s.key for s in ecfg.task_specs()] + [s.key for s in ecfg.lmeval_specs()] if ecfg else []
 
 
 def waves(steps: list[Any]) -> list[int]:

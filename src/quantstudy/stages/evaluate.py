@@ -184,6 +184,8 @@ def evaluate_model(ctx: Job) -> Iterator[Record]:
         return
     lazy, progress = _Model(ctx, model), ctx.progress
     for spec in ecfg.task_specs():
+        if ctx.tasks is not None and spec.key not in ctx.tasks:  # another task's share of the model's work
+            continue
         task = get_task(spec.name)
         items = select_items(spec, ecfg, ctx.data_dir)
         use_chat = bool(spec.chat_template) and task.kind is not Kind.rolling
@@ -217,6 +219,8 @@ def evaluate_model(ctx: Job) -> Iterator[Record]:
                              {"items_scored": len(todo), "items": len(prompts)})]
         yield Metrics(model.name, timing + task_metrics(ctx, task, spec, [have[p.item.id] for p in prompts]))
     for lspec in ecfg.lmeval_specs():  # lm-eval registry / user YAML tasks (#20)
+        if ctx.tasks is not None and lspec.key not in ctx.tasks:
+            continue
         from quantstudy.tasks.lmeval_tasks import evaluate_entry
 
         yield from evaluate_entry(ctx, lazy, lspec, progress, model.name)

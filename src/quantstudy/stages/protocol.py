@@ -60,6 +60,7 @@ class Job:
     variant: Any = None  # quantize: the config.variants.Variant to make
     out_dir: Path | None = None  # resolve/train/quantize: where the made model goes
     stored: dict[str, dict[str, ItemRecord]] = field(default_factory=dict)  # evaluate: task key -> item id -> stored
+    tasks: list[str] | None = None  # evaluate: only these task entries (keys); None = all of them
     debug: bool = False
     progress: Any = field(default_factory=QuietProgress)  # add_task/advance/update (runtime.progress.make_progress)
 
