@@ -333,6 +333,9 @@ def generate_continuous(model: Any, tok: Any, prompts: list[list[int]], max_new:
                     done.append(s)
                 else:
                     cur[s] = first[b]
+            # placed: free this pass's temporary cache now, not when the next pass's result replaces it
+            # (both were alive during that pass: up to 2 x 94 MB beside the slots)
+            del logits, pc, kv
             if key is not None:
                 users[key] -= len(members)
                 if users[key] == 0:
