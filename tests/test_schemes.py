@@ -227,7 +227,7 @@ def test_report_pairs_schemes_at_equal_method():
 
     def info(name, method, scheme, bits, group, smooth=None, calib=cal, acts=None):
         spec = {"method": method, "bits": bits, "group_size": group, "symmetric": True, "ignore": ["lm_head"],
-                "calibration": calib, "scheme": scheme, "smoothquant": smooth, "activations": acts}
+                "calibration": calib, "scheme": scheme, "scheme_named": True, "smoothquant": smooth, "activations": acts}
         return ModelInfo(name, "quantized", "base", name, "/x", 1, spec, "h")
 
     models = [ModelInfo("base", "baseline", None, "original weights", "/b", 2, {}, "b"),
@@ -244,8 +244,49 @@ def test_report_pairs_schemes_at_equal_method():
     assert title.startswith("W8A8 vs W4A16 at the same method (GPTQ, 32 sharegpt")
     # stores made before schemes existed record none: their W4 vs W8 variants stay unpaired, as before
     for m in models[1:]:
-        del m.spec["scheme"]
+        del m.spec["scheme"], m.spec["scheme_named"]
     assert not [p for p in plan_pairs(models) if p.kind == PairKind.scheme]
+
+
+@pytest.mark.parametrize("entries", [
+    [{"method": "gptq", "bits": [3, 4], "group_size": 64}],  # a study written before schemes existed
+    [{"method": ["gptq", "awq"], "bits": [3, 4, 8]}, {"method": "rtn", "bits": [4, 8]}],
+])
+def test_bits_only_studies_pair_as_before_schemes(entries):
+    """Entries that set only `bits` store a derived scheme (W3A16, W4A16) since #22; re-running such a study
+    must not add W3A16-vs-W4A16 'scheme' comparisons to its Holm family: its pairs are those the report
+    made from specs that recorded no scheme. A study that names schemes gets them."""
+    from quantstudy.report.analysis import ModelInfo, PairKind, plan_pairs
+    from quantstudy.stages.quantize import variant_spec
+
+    def models(c, strip=False):
+        out = [ModelInfo("base", "baseline", None, "original weights", "/b", 2, {}, "b")]
+        for v in expand_variants(c):
+            cal = None if v.calibration is None else {"source": v.calibration.source.value,
+                                                      "samples": v.calibration.samples, "max_seq_len": 64, "seed": 0}
+            spec = {**variant_spec(v), "calibration": cal}
+            if strip:  # what the quantize stage stored before #22
+                spec = {k: x for k, x in spec.items() if k not in ("scheme", "scheme_named", "activations",
+                                                                   "smoothquant", "autoround")}
+            out.append(ModelInfo(v.name, "quantized", "base", v.describe(), "/x", 1, spec, "h"))
+        return out
+
+    def pairs(ms):
+        return sorted((p.kind.value, p.ref, p.other) for p in plan_pairs(ms))
+
+    c = cfg(*entries)
+    assert pairs(models(c)) == pairs(models(c, strip=True))
+    assert not [p for p in plan_pairs(models(c)) if p.kind == PairKind.scheme]
+    # specs written by #22's first version have no scheme_named: the description tells (it names a named scheme)
+    old22 = models(c)
+    for m in old22[1:]:
+        del m.spec["scheme_named"]
+    assert pairs(old22) == pairs(models(c))
+    named = models(cfg({"method": "gptq", "scheme": ["W4A16", "W8A16"], "group_size": 64}))
+    for m in named[1:]:
+        del m.spec["scheme_named"]
+    assert [p.title for p in plan_pairs(named) if p.kind == PairKind.scheme] == [
+        "W8A16 vs W4A16 at the same method (GPTQ, 8 sharegpt calibration samples)"]
 
 
 def test_autoround_options_key_only_autoround_variants():

@@ -150,6 +150,21 @@ def _weights(m: ModelInfo) -> str:
 _SCHEME_FIELDS = ("scheme", "bits", "group_size", "symmetric", "smoothquant")  # what a scheme comparison lets differ
 
 
+def _named_scheme(m: ModelInfo) -> bool:
+    """Whether the study entry named a scheme. Entries that set only `bits` (all studies written before
+    #22) store a derived W{bits}A16 too, and must pair as they did before #22: a W3 vs W4 comparison would
+    join the Holm family and move every other p-value's adjustment. Specs written before `scheme_named`
+    existed tell by their description, which names the scheme only when the entry did."""
+    s = m.spec
+    if "scheme_named" in s:
+        return bool(s["scheme_named"])
+    return bool(s.get("scheme")) and str(s["scheme"]) in str(s.get("describe") or "")
+
+
+def _scheme(m: ModelInfo) -> str:
+    return str(m.spec.get("scheme") or f"W{m.spec.get('bits')}A16")
+
+
 def plan_pairs(models: list[ModelInfo]) -> list[Pair]:
     """Which models are compared: each with its parent, then the method / calibration / training pairs."""
     out = [Pair(PairKind.parent, m.parent, m.name, f"{m.name} vs its parent {m.parent}")
@@ -172,11 +187,11 @@ def plan_pairs(models: list[ModelInfo]) -> list[Pair]:
                                 f"{a.spec['method'].upper()} vs {b.spec['method'].upper()}, {_weights(a)}, at equal "
                                 f"calibration ({a.spec['calibration'].get('samples')} "
                                 f"{a.spec['calibration'].get('source')} samples)"))
-            elif (_quant_key(a, *_SCHEME_FIELDS) == _quant_key(b, *_SCHEME_FIELDS)
-                  and a.spec.get("scheme") != b.spec.get("scheme")):  # stores before #22 record no scheme
+            elif (_quant_key(a, *_SCHEME_FIELDS) == _quant_key(b, *_SCHEME_FIELDS) and _scheme(a) != _scheme(b)
+                  and (_named_scheme(a) or _named_scheme(b))):  # bits-only entries: no new pairs (see _named_scheme)
                 cal = a.spec.get("calibration")
                 out.append(Pair(PairKind.scheme, a.name, b.name,
-                                f"{b.spec['scheme']} vs {a.spec['scheme']} at the same method ({a.spec['method'].upper()}"
+                                f"{_scheme(b)} vs {_scheme(a)} at the same method ({a.spec['method'].upper()}"
                                 + (f", {cal.get('samples')} {cal.get('source')} calibration samples)" if cal else ")")))
             elif a.spec.get("calibration") and _quant_key(a, "samples") == _quant_key(b, "samples"):
                 lo, hi = sorted((a, b), key=lambda m: m.spec["calibration"].get("samples") or 0)
