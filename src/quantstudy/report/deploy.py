@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from quantstudy.store import ItemRecord
+from quantstudy.tasks.base import reasoning_stats
 
 TOKENS_COMPARABLE = 1.25  # speed-up is shown only if tokens/response differ by less than this factor
 HIT_MAX_FLAG = 0.20  # share of responses cut at max_new_tokens that counts as a pathology ...
@@ -174,14 +175,13 @@ def health_rows(model: str, items: dict[str, list[ItemRecord]], metrics: dict[st
             empty = sum(map(_empty, answerable)) / len(answerable) if answerable else None
             rows.append(Health(model, task, len(gen), sum(bool(r.hit_max) for r in gen) / len(gen), empty,
                                sum(r.n_tokens for r in gen) / len(gen)))
-            think = [r for r in gen if "reasoning_tokens" in r.details]
+            think = reasoning_stats(gen)  # the figures the evaluate stage stores, from the same function
             if think:
                 h = rows[-1]
-                h.reasoning_share = len(think) / len(gen)
-                h.reasoning_tokens = sum(r.details["reasoning_tokens"] for r in think) / len(think)
-                h.reasoning_hit_max_share = sum(bool(r.details.get("reasoning_hit_max")) for r in gen) / len(gen)
-                h.answer_example = next((str(r.details.get("text", "")) for r in think
-                                         if r.details.get("reasoning_closed")), None)
+                h.reasoning_share, h.reasoning_tokens, h.reasoning_hit_max_share = (
+                    think["reasoning_share"], think["reasoning_tokens_mean"], think["reasoning_hit_max_share"])
+                h.answer_example = next((str(r.details.get("text", "")) for r in gen
+                                         if "reasoning_tokens" in r.details and r.details.get("reasoning_closed")), None)
     bench = [_metric(metrics, k) for k in ("speed.hit_max_share", "speed.empty_share", "speed.tokens_per_response")]
     if any(v is not None for v in bench):
         rows.append(Health(model, SPEED, None, *bench))

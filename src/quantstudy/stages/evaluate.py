@@ -23,7 +23,7 @@ from quantstudy.errors import QuantStudyError
 from quantstudy.scoring.protocol import GenRequest, LLRequest, Scorer
 from quantstudy.tasks import Item, Kind, Task, build_context, continuation_prefix, get_task, pick_fewshot
 from quantstudy.data.chat import Think, kwargs_tag, merged_kwargs, render
-from quantstudy.tasks.base import ChatFn, sha
+from quantstudy.tasks.base import ChatFn, reasoning_stats, sha
 from quantstudy.tasks.selection import select_items
 from quantstudy.runtime.faults import failpoint
 from quantstudy.stages.protocol import Job, StageName
@@ -244,18 +244,6 @@ def task_metrics(ctx: Job, task: Task, spec: TaskSpec, records: list[st.ItemReco
     if task.kind is Kind.generate:
         values.update(reasoning_stats(records))
     return [Metric(f"eval.{spec.key}.{name}", float(value), info) for name, value in values.items()]
-
-
-def reasoning_stats(records: list[st.ItemRecord]) -> dict[str, float]:
-    """Reasoning blocks of a generative task: share of responses with one, mean tokens spent in
-    them, and share of all responses whose reasoning was cut by max_new_tokens (no answer)."""
-    n = len(records)
-    think = [r for r in records if "reasoning_tokens" in r.details]
-    if not n or not think:
-        return {}
-    return {"reasoning_share": len(think) / n,
-            "reasoning_tokens_mean": sum(r.details["reasoning_tokens"] for r in think) / len(think),
-            "reasoning_hit_max_share": sum(bool(r.details.get("reasoning_hit_max")) for r in think) / n}
 
 
 class Stage:

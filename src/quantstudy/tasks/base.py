@@ -176,6 +176,18 @@ class Task:
                 "acc_norm": sum(bool(r.details.get("correct_norm")) for r in records) / n, "n": n}
 
 
+def reasoning_stats(records: list[ItemRecord]) -> dict[str, float]:
+    """Reasoning blocks of a generative task: share of responses with one, mean tokens spent in
+    them, and share of all responses whose reasoning was cut by max_new_tokens (no answer)."""
+    n = len(records)
+    think = [r for r in records if "reasoning_tokens" in r.details]
+    if not n or not think:
+        return {}
+    return {"reasoning_share": len(think) / n,
+            "reasoning_tokens_mean": sum(r.details["reasoning_tokens"] for r in think) / len(think),
+            "reasoning_hit_max_share": sum(bool(r.details.get("reasoning_hit_max")) for r in think) / n}
+
+
 # ------------------------------------------------------------------ prompts (lm-eval 0.4.13 rules)
 def build_context(task: Task, doc: Doc, shots: list[Doc], chat: ChatFn | None) -> str:
     """lm-eval's fewshot_context: [system: description] + "q1 a1\\n\\n...q" as one user turn.
