@@ -106,3 +106,12 @@ def reasoning_token_count(tokens: list[int], decode: Any, end: str) -> int:
         else:
             lo = mid + 1
     return lo
+
+
+def read_response(text: str, tokens: list[int], decode: Any, think: Think | None) -> tuple[Split, int]:
+    """A generated response's reasoning block and the tokens it took: none, all of them (never
+    closed), or up to the last end marker. `text` is `tokens` decoded; `decode` decodes a prefix."""
+    sp = split_reasoning(text, think)
+    if sp.reasoning is None:
+        return sp, 0
+    return sp, reasoning_token_count(tokens, decode, think.end) if sp.closed else len(tokens)  # type: ignore[union-attr]

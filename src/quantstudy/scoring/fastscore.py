@@ -27,7 +27,7 @@ from lm_eval.models.utils import resolve_max_length
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from quantstudy.scoring import kernels, prefixtree
-from quantstudy.data.chat import cut_at_stops, reasoning_token_count, split_reasoning
+from quantstudy.data.chat import cut_at_stops, read_response
 from quantstudy.scoring.generation import generate_continuous
 from quantstudy.scoring.protocol import GenRequest, GenResult, LLRequest, LLResult, RollingResult
 
@@ -137,10 +137,9 @@ class FastScorer(LMEvalTokens):
             for i, g in zip(idx, gens):
                 text = self.tok.decode(g.tokens, skip_special_tokens=True)
                 think = requests[i].think
-                sp = split_reasoning(text, think)  # lm-eval: reasoning is stripped before stop strings
-                n_think = 0 if sp.reasoning is None else len(g.tokens) if not sp.closed else \
-                    reasoning_token_count(g.tokens, lambda t: self.tok.decode(t, skip_special_tokens=True),
-                                          think.end)  # type: ignore[union-attr]
+                # lm-eval: reasoning is stripped before stop strings
+                sp, n_think = read_response(text, g.tokens, lambda t: self.tok.decode(t, skip_special_tokens=True),
+                                            think)
                 out[i] = GenResult(cut_at_stops(sp.answer, stops), len(g.tokens), g.hit_max, g.cost_s,
                                    sp.reasoning, n_think, sp.closed)
         return out  # type: ignore[return-value]

@@ -17,7 +17,7 @@ from typing import Any
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
-from quantstudy.data.chat import cut_at_stops, reasoning_token_count, split_reasoning
+from quantstudy.data.chat import cut_at_stops, read_response
 from quantstudy.scoring.protocol import GenRequest, GenResult, LLRequest, LLResult, RollingResult
 
 
@@ -97,9 +97,7 @@ class LMEvalScorer:
             stopped = any(s and s in raw for s in r.until) or n < len(row)
             # count the tokens kept: the text up to the stop string, re-encoded
             kept = len(self.tok.encode(text, add_special_tokens=False)) if text != raw else n
-            sp = split_reasoning(raw, r.think)
-            n_think = 0 if sp.reasoning is None else n if not sp.closed else reasoning_token_count(
-                row[:n], lambda t: self.tok.decode(t, skip_special_tokens=True), r.think.end)  # type: ignore[union-attr]
+            sp, n_think = read_response(raw, row[:n], lambda t: self.tok.decode(t, skip_special_tokens=True), r.think)
             if sp.reasoning is not None:  # lm-eval's text lost the reasoning: count the tokens kept from raw
                 after = raw[len(sp.reasoning):]
                 cut = cut_at_stops(after, r.until)
