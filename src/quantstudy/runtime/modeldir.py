@@ -86,12 +86,17 @@ def check_model_files(model_dir: Path, field: str) -> None:
                                   fix=DAMAGED_FIX) from None
 
 
-def is_compressed(model_dir: Path) -> bool:
-    """True for a compressed-tensors checkpoint (what llm-compressor writes)."""
+def quantization_config(model_dir: Path) -> dict[str, Any]:
+    """config.json's quantization_config ({} for a model that is not quantized or has no config.json)."""
     import json
 
-    cfg = json.loads((model_dir / "config.json").read_text())
-    return cfg.get("quantization_config", {}).get("quant_method") == "compressed-tensors"
+    f = Path(model_dir) / "config.json"
+    return (json.loads(f.read_text()).get("quantization_config") or {}) if f.is_file() else {}
+
+
+def is_compressed(model_dir: Path) -> bool:
+    """True for a compressed-tensors checkpoint (what llm-compressor writes)."""
+    return quantization_config(model_dir).get("quant_method") == "compressed-tensors"
 
 
 def load_pretrained(path: Path, device: str = "cpu", dtype: str = "float32",

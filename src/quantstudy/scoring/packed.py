@@ -16,14 +16,12 @@ compressed-tensors' own decompression in tests/test_packed.py:
     the high nibble, plus innerKTiles.
 
 The model is built on the meta device (accelerate.init_empty_weights) and filled from the
-safetensors files, so a dense copy of a quantized weight never exists. The packed layout depends
+safetensors files (read without a memory map: tensorfile.py), so a dense copy of a quantized weight never exists. The packed layout depends
 on the instruction set, so it is built at every load and never saved.
 """
 
 from __future__ import annotations
 
-import json
-import struct
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -33,6 +31,8 @@ import torch
 from torch import nn
 
 from quantstudy.errors import QuantStudyError
+from quantstudy.runtime.modeldir import check_model_dir, quantization_config
+from quantstudy.scoring.tensorfile import Tensors
 
 GROUP_SIZES = (256, 128, 64, 32)  # the only group sizes both kernels accept
 ACT_DTYPE = torch.bfloat16  # scales must be in the activation dtype; float32 activations hit the scalar path
@@ -153,69 +153,18 @@ def _scheme_for(name: str, module: nn.Module, qcfg: Any) -> Any:
     return None
 
 
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
-_CHUNK = 16 << 20  # bytes read at a time when converting a large float tensor
+def is_pack_quantized(q: dict[str, Any]) -> bool:
+    """A compressed-tensors `pack-quantized` checkpoint: what load_packed reads."""
+    return q.get("quant_method") == "compressed-tensors" and q.get("format") == "pack-quantized"
 
 
-class _Tensors:
-    """The checkpoint's tensors by name, each read on demand with plain file reads.
-
-    Written by hand (the format is an 8-byte header length, a JSON header of name -> dtype, shape,
-    byte range, then the data) because safetensors' own reader memory-maps the file, and every page
-    it touches counts in this process's RSS high-water mark: the peak memory we are measuring.
-    Large float tensors are converted to the target dtype chunk by chunk, so a float32 embedding
-    never exists whole beside its bf16 copy."""
-
-    def __init__(self, path: Path) -> None:
-        files = sorted(path.glob("*.safetensors"))
-        if not files:
-            raise QuantStudyError("the packed backend reads safetensors and this model has none", field="model path",
-                                  value=str(path), fix="re-save the model with save_pretrained(save_compressed=True) "
-                                  "or set evaluate.speed.backend: dense")
-        self.index: dict[str, tuple[Path, torch.dtype, list[int], int, int]] = {}
-        for f in files:
-            with open(f, "rb") as h:
-                n = struct.unpack("<Q", h.read(8))[0]
-                header = json.loads(h.read(n))
-            for k, v in header.items():
-                if k != "__metadata__":
-                    b, e = v["data_offsets"]
-                    self.index[k] = (f, _ST_DTYPES[v["dtype"]], v["shape"], 8 + n + b, 8 + n + e)
-
-    def keys(self) -> list[str]:
-        return list(self.index)
-
-    def pop(self, key: str, default: Any = ..., to: torch.dtype | None = None) -> torch.Tensor:
-        if key not in self.index and default is not ...:
-            return default
-        f, dtype, shape, b, e = self.index.pop(key)
-        out_dtype = to if to is not None and dtype.is_floating_point else dtype
-        out = torch.empty(shape, dtype=out_dtype)
-        with open(f, "rb", buffering=0) as h:
-            h.seek(b)
-            if out_dtype == dtype or not shape or not shape[0]:
-                _read_exact(h, out.view(-1).view(torch.uint8).numpy(), f, key)
-                return out
-            row_bytes = (e - b) // shape[0]
-            rows = max(1, _CHUNK // max(1, row_bytes))
-            for i in range(0, shape[0], rows):
-                j = min(shape[0], i + rows)
-                buf = torch.empty((j - i) * row_bytes, dtype=torch.uint8)
-                _read_exact(h, buf.numpy(), f, key)
-                out[i:j] = buf.view(dtype).reshape(j - i, *shape[1:])
-        return out
-
-
-def _read_exact(h: Any, buf: Any, f: Path, key: str) -> None:
-    """readinto may return fewer bytes (a truncated file ends early): that is a damaged file, not zeros."""
-    got = h.readinto(buf)
-    if got != buf.nbytes:
-        from quantstudy.runtime.modeldir import DAMAGED_FIX
-
-        raise QuantStudyError(f"safetensors file is truncated: tensor {key} has {got} of {buf.nbytes} bytes",
-                              field="model path", value=str(f), fix=DAMAGED_FIX)
+def is_w4a16(path: Path) -> bool:
+    """What the packed backend runs on int4 kernels: a pack-quantized checkpoint whose weights are all
+    4-bit and whose activations are not quantized."""
+    q = quantization_config(path)
+    groups = list((q.get("config_groups") or {}).values())
+    return is_pack_quantized(q) and bool(groups) and all(
+        (g.get("weights") or {}).get("num_bits") == 4 and not g.get("input_activations") for g in groups)
 
 
 def resident_bytes(model: nn.Module) -> int:
@@ -234,12 +183,10 @@ def load_packed(path: Path, device: str = "cpu", trust_remote_code: bool = False
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from quantstudy.runtime.modeldir import check_model_dir
-
     path = Path(path)
     check_model_dir(path, field="model path")  # a damaged config or safetensors file: one clear error
-    raw = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
-    if raw.get("quant_method") != "compressed-tensors" or raw.get("format") != "pack-quantized":
+    raw = quantization_config(path)
+    if not is_pack_quantized(raw):
         raise QuantStudyError("the packed backend runs compressed-tensors `pack-quantized` (W4A16) models only",
                               field="evaluate.speed.backend", value=f"{raw.get('quant_method')}/{raw.get('format')}",
                               fix="set evaluate.speed.backend: dense for this model")
@@ -250,7 +197,7 @@ def load_packed(path: Path, device: str = "cpu", trust_remote_code: bool = False
         del cfg.quantization_config  # we load the weights ourselves; transformers must not decompress
     with init_empty_weights():  # parameters on meta; buffers (rotary inv_freq) real
         model = AutoModelForCausalLM.from_config(cfg, dtype=ACT_DTYPE, trust_remote_code=trust_remote_code)
-    tensors = _Tensors(path)
+    tensors = Tensors(path)
     report = PackReport(backend)
     dense: dict[str, torch.Tensor] = {}
     for prefix in sorted({k.removesuffix(".weight_packed") for k in tensors.keys() if k.endswith(".weight_packed")}):

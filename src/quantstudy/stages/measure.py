@@ -28,7 +28,7 @@ from quantstudy.stages.interleave import WARMUP_TOKENS
 from quantstudy.records import Metric, Metrics, Record
 from quantstudy.stages.protocol import Job, StageName
 from quantstudy.errors import QuantStudyError
-from quantstudy.runtime.modeldir import weights_size
+from quantstudy.runtime.modeldir import quantization_config, weights_size
 from quantstudy.store import ModelRecord
 
 
@@ -74,15 +74,6 @@ def encode_prompts(tok: Any, prompts: list[str], chat_kwargs: dict[str, Any] | N
         return [tok.encode(render(tok, [{"role": "user", "content": p}], chat_kwargs), add_special_tokens=False)
                 for p in prompts]
     return [tok.encode(p) for p in prompts]
-
-
-def is_w4a16(path: Path) -> bool:
-    """A compressed-tensors pack-quantized checkpoint whose weights are all 4-bit, activations unquantized."""
-    cfg = json.loads((Path(path) / "config.json").read_text()) if (Path(path) / "config.json").is_file() else {}
-    q = cfg.get("quantization_config") or {}
-    groups = list((q.get("config_groups") or {}).values())
-    return (q.get("quant_method") == "compressed-tensors" and q.get("format") == "pack-quantized" and bool(groups)
-            and all((g.get("weights") or {}).get("num_bits") == 4 and not g.get("input_activations") for g in groups))
 
 
 def side_job(ctx: Job, model: ModelRecord, backend: str, dtype: str, prompts: list[str]) -> dict[str, Any]:
@@ -136,8 +127,7 @@ def side_metrics(ctx: Job, job: dict[str, Any], side: dict[str, Any], prefix: st
 
 
 def _on_disk(path: Path) -> str:
-    cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
-    q = cfg.get("quantization_config") or {}
+    q = quantization_config(path)
     return f"{q.get('quant_method', 'quantized')} ({q.get('format', '?')})" if q else "dense"
 
 
@@ -178,6 +168,8 @@ def measure_model(ctx: Job) -> Iterator[Record]:
                     "float32, same prompts, interleaved rounds; 95% bootstrap interval over prompts"}),
             disk_metric(model)])
         return
+    from quantstudy.scoring.packed import is_w4a16
+
     packed = speed.backend.value == "packed" and is_w4a16(Path(model.path))
     need, have = side_bytes(parent, 2) + side_bytes(model, 1 if packed else 2), memory_available()
     if need > have:  # a pairing needs both loaded; an out-of-memory kill would say much less than this
