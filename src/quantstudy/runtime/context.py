@@ -10,7 +10,7 @@ from typing import Any
 from rich.console import Console
 
 from quantstudy.config import StudyConfig
-from quantstudy.stages.protocol import Job, StageName
+from quantstudy.stages.protocol import Job, StageName, data_id, work_dir
 from quantstudy.store import Store
 
 
@@ -29,15 +29,11 @@ class RunContext:
 
     @property
     def data_id(self) -> str:
-        """What the evaluation data came from, for cache keys and the report."""
-        return str(self.data_dir.resolve()) if self.data_dir else "huggingface-hub"
+        return data_id(self.data_dir)
 
     @property
     def work_dir(self) -> Path:
-        """Scratch and cache space inside the study directory."""
-        p = self.study_dir / "cache"
-        p.mkdir(parents=True, exist_ok=True)
-        return p
+        return work_dir(self.study_dir)
 
     def job(self, stage: StageName, name: str, **kw: Any) -> Job:
         """A stage's job on model `name`, carrying this run's paths and settings (kw: the Job's other fields)."""

@@ -66,15 +66,23 @@ class Job:
 
     @property
     def data_id(self) -> str:
-        """What the evaluation data came from, for cache keys and the report."""
-        return str(self.data_dir.resolve()) if self.data_dir else "huggingface-hub"
+        return data_id(self.data_dir)
 
     @property
     def work_dir(self) -> Path:
-        """Scratch and cache space inside the study directory."""
-        p = self.study_dir / "cache"
-        p.mkdir(parents=True, exist_ok=True)
-        return p
+        return work_dir(self.study_dir)
+
+
+def data_id(data_dir: Path | None) -> str:
+    """What the evaluation data came from, for cache keys and the report."""
+    return str(data_dir.resolve()) if data_dir else "huggingface-hub"
+
+
+def work_dir(study_dir: Path) -> Path:
+    """Scratch and cache space inside the study directory (fidelity's parent pass, SFT checkpoints)."""
+    p = study_dir / "cache"
+    p.mkdir(parents=True, exist_ok=True)
+    return p
 
 
 class Stage(Protocol):
