@@ -15,8 +15,9 @@ from scipy.special import rel_entr, softmax
 from quantstudy.config import FidelityConfig, ModelConfig, StudyConfig, parse_config
 from quantstudy.runtime.context import RunContext
 from quantstudy.errors import QuantStudyError
-from quantstudy.stages.fidelity import kl_topk_tail, topk_tail, windows
+from quantstudy.scoring.divergence import kl_topk_tail, topk_tail, windows
 from quantstudy.store import ItemRecord, ModelRecord, Store
+from quantstudy.stages.protocol import work_dir
 from quantstudy.study import run_stage
 from quantstudy.report.answers import answer_metrics
 
@@ -189,13 +190,13 @@ def test_baseline_is_cached_across_variants(tmp_path: Path, tiny: dict[str, Path
     ctx = _ctx(tmp_path, tiny, top_k=16)
     baseline = _rec("base", base_dir, "baseline")
     run_stage(ctx, "fidelity", _rec("v1", tiny["noisy"]), parent=baseline)
-    files = sorted((ctx.work_dir / "fidelity").iterdir())
+    files = sorted((work_dir(ctx.study_dir) / "fidelity").iterdir())
     assert len(files) == 1 and files[0].suffix == ".npz"
     mtime = files[0].stat().st_mtime_ns
     for w in base_dir.glob("*.safetensors"):
         w.unlink()  # the baseline model can no longer be loaded: a recompute would fail
     run_stage(ctx, "fidelity", _rec("v2", tiny["noisy"]), parent=baseline)
-    assert sorted((ctx.work_dir / "fidelity").iterdir()) == files and files[0].stat().st_mtime_ns == mtime
+    assert sorted((work_dir(ctx.study_dir) / "fidelity").iterdir()) == files and files[0].stat().st_mtime_ns == mtime
     assert _metrics(ctx, "v2")["kl_mean"] == pytest.approx(_metrics(ctx, "v1")["kl_mean"], rel=1e-12)
 
 

@@ -10,7 +10,7 @@ from typing import Any
 from rich.console import Console
 
 from quantstudy.config import StudyConfig
-from quantstudy.stages.protocol import Job, StageName, data_id, work_dir
+from quantstudy.stages.protocol import Job, StageName, data_id
 from quantstudy.store import Store
 
 
@@ -30,10 +30,6 @@ class RunContext:
     @property
     def data_id(self) -> str:
         return data_id(self.data_dir)
-
-    @property
-    def work_dir(self) -> Path:
-        return work_dir(self.study_dir)
 
     def job(self, stage: StageName, name: str, **kw: Any) -> Job:
         """A stage's job on model `name`, carrying this run's paths and settings (kw: the Job's other fields)."""
