@@ -26,13 +26,17 @@ QUANTIZE_S = {Method.rtn: (5.0, 0.0), Method.gptq: (40.0, 0.008), Method.awq: (3
               Method.autoround: (30.0, 0.03)}  # autoround: a guess at 50 iterations (#22), to replace with time.quantize
 FIDELITY_S_PER_TOKEN = 0.0012
 TRAIN_S_PER_ROW = 2.0  # LoRA, max_seq_len 384: README's train_speed benchmark (200 rows in 6.6 min)
-# evaluation: seconds per multiple-choice / rolling item, or per generated-token slot (items x max_new_tokens).
+# evaluation: seconds per multiple-choice / rolling item; a generative item costs its prompt's prefill
+# plus a rate per generated-token slot (items x max_new_tokens: rows that run to the limit set the tail).
 # Measured on the demo's base model (load ~2, 2026-12-04): ARC-Easy 40 items 3.9 s, ARC-Challenge 40 6.3 s,
-# HellaSwag 40 8.0 s, MMLU 57 14.8 s, WikiText 2 documents 33.1 s, SQuAD v2 20 x 128 slots 10.7 s (answers
-# stop early), GSM8K 10 x 128 66.9 s (5-shot prompts, answers run long), OpenMathInstruct-2 10 x 128 28.4 s.
+# HellaSwag 40 8.0 s, MMLU 57 14.8 s, WikiText 2 documents 33.1 s, OpenMathInstruct-2 10 x 128 28.4 s (old
+# generation code: per slot only). SQuAD v2 and GSM8K from benchmarks/eval_speed.py (#21, continuous
+# batching, load ~2, 256 slots): SQuAD 200 items prefill 37.9 s + decode 52.0 s (passages shared, answers
+# stop at the newline); GSM8K 100 items prefill 256.0 s (5-shot prompts of ~1040 tokens) + decode 81.4 s.
 EVAL_S_PER_ITEM = {TaskName.arc_easy: 0.1, TaskName.arc_challenge: 0.16, TaskName.hellaswag: 0.2,
                    TaskName.mmlu: 0.26, TaskName.wikitext: 16.5}
-EVAL_S_PER_GEN_TOKEN = {TaskName.squad_v2: 0.0042, TaskName.gsm8k: 0.052, TaskName.openmathinstruct2: 0.022}
+EVAL_S_GEN = {TaskName.squad_v2: (0.19, 0.001), TaskName.gsm8k: (2.56, 0.0032),  # (s per item, s per slot)
+              TaskName.openmathinstruct2: (0.0, 0.022)}
 # the speed benchmark: two processes (a root model in bf16 and float32, or a derived model and its
 # parent), each loading its model and warming up (MEASURE_FIXED_S in all, with the packed-vs-dense
 # numerics check), then per round and side the prompts one at a time and one batch, max_new_tokens
@@ -127,6 +131,7 @@ def stage_seconds(ctx: Any, steps: list[Any]) -> list[float]:
 
 def _task_seconds(spec: Any, max_new_tokens: int) -> float:
     n = spec.limit or FULL_ITEMS[spec.name]
-    if spec.name in EVAL_S_PER_GEN_TOKEN:
-        return n * max_new_tokens * EVAL_S_PER_GEN_TOKEN[spec.name]
+    if spec.name in EVAL_S_GEN:
+        per_item, per_slot = EVAL_S_GEN[spec.name]
+        return n * (per_item + max_new_tokens * per_slot)
     return n * EVAL_S_PER_ITEM[spec.name]
