@@ -9,7 +9,7 @@ import pytest
 from quantstudy.data.calibration import build_calibration, sample_conversations
 from quantstudy.config import CalibrationConfig
 from quantstudy.errors import QuantStudyError
-from quantstudy.data.sources import Conversation, load_conversations, wikitext_documents
+from quantstudy.data.conversations import Conversation, load_conversations, wikitext_documents
 
 
 class PlainTok:

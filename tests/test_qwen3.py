@@ -23,7 +23,7 @@ from quantstudy.errors import QuantStudyError
 from quantstudy.stages.resolve import resolve_source
 from quantstudy.runtime.modeldir import load_pretrained
 from quantstudy.stages.quantize import LayerReport, run_oneshot
-from quantstudy.data.sources import Conversation
+from quantstudy.data.conversations import Conversation
 from tests.test_quantize import calib_dataset, levels_per_group, variant
 from tests.tiny_qwen3 import QWEN3_VOCAB, ScriptedReasoning, make_tiny_qwen3
 
@@ -223,7 +223,7 @@ def test_awq_stage_records_mappings_and_calibrates_with_template_kwargs(qwen3, t
 
     from quantstudy.runtime.context import RunContext
     from quantstudy.study import run_stage
-    from quantstudy.data.sources import load_conversations
+    from quantstudy.data.conversations import load_conversations
     from quantstudy.store import ModelRecord, Store
     from quantstudy.config.variants import expand_variants
 

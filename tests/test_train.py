@@ -16,7 +16,7 @@ from quantstudy.data import heldout, train_data
 from quantstudy.config import TrainConfig, parse_config
 from quantstudy.runtime.context import RunContext
 from quantstudy.errors import QuantStudyError
-from quantstudy.data.sources import Conversation
+from quantstudy.data.conversations import Conversation
 from quantstudy.store import ModelRecord, Store
 from quantstudy.study import run_stage
 

@@ -18,7 +18,7 @@ from quantstudy.data import chat
 from quantstudy.config import CalibrationConfig, CalibSource
 from quantstudy.errors import QuantStudyError
 from quantstudy.data.heldout import check_held_out  # noqa: F401  (moved; study.py still imports it from here)
-from quantstudy.data.sources import Conversation, load_conversations
+from quantstudy.data.conversations import Conversation, load_conversations
 
 
 @dataclass(frozen=True)

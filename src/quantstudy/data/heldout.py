@@ -16,7 +16,7 @@ from typing import Iterable
 
 from quantstudy.config import CalibrationConfig, CalibSource, StudyConfig, TaskName, TrainSource
 from quantstudy.data import train_data
-from quantstudy.data.sources import Conversation
+from quantstudy.data.conversations import Conversation
 from quantstudy.errors import QuantStudyError
 
 

@@ -1,6 +1,6 @@
 """Training data for the SFT stage: the pool, sample selection, the rows TRL trains on.
 
-Rows come from `sources.load_conversations` (shared with calibration): OpenMathInstruct-2
+Rows come from `conversations.load_conversations` (shared with calibration): OpenMathInstruct-2
 problem -> generated_solution, GSM8K question -> answer, ShareGPT `conversations`, or a
 local JSONL with prompt/response or messages. Each becomes a `Conversation` that ends with
 the assistant reply the model learns (completion-only loss trains that last reply).
@@ -18,7 +18,7 @@ from typing import Any
 
 from quantstudy.config import TrainConfig
 from quantstudy.errors import QuantStudyError
-from quantstudy.data.sources import Conversation, load_conversations
+from quantstudy.data.conversations import Conversation, load_conversations
 
 POOL_FACTOR = 20  # hub streams: read samples x 20 rows (at least 10k) to sample from
 

@@ -60,7 +60,7 @@ def summarize(stats: list[GenStat]) -> dict[str, float]:
 
 def speed_prompts(ctx: Job, n: int) -> list[str]:
     """First user turn of the first n ShareGPT conversations (file order)."""
-    from quantstudy.data.sources import load_conversations
+    from quantstudy.data.conversations import load_conversations
 
     convs = load_conversations("sharegpt", ctx.data_dir, field="evaluate.speed", hub_limit=4 * n)
     firsts = [next((c for r, c in conv.messages if r == "user"), "") for conv in convs]

@@ -36,7 +36,7 @@ from quantstudy.runtime import environment
 from quantstudy.stages.protocol import Job, QuietProgress, StageName
 from quantstudy.errors import QuantStudyError
 from quantstudy.runtime.resources import track_peak_memory
-from quantstudy.data.sources import Conversation
+from quantstudy.data.conversations import Conversation
 from quantstudy.store import ModelRecord
 from quantstudy.stages.train_head import head_on_labelled_positions
 

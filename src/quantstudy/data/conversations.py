@@ -1,4 +1,7 @@
-"""Text sources shared by calibration and training: raw files in an offline data dir, or the hub.
+"""Conversations for calibration and training: read from raw files in an offline data dir, or the hub.
+
+(The module is named for what it returns: "source" elsewhere is a model's origin, stages/resolve.py,
+or the fidelity text; the study file's `calibration.source` / `train.source` name these readers.)
 
 Every source becomes a list of `Conversation`s (an id and chat messages), so one sampler
 and one chat-template step serve calibration and SFT alike. Offline file layout is that
