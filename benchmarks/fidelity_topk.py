@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from quantstudy.stages.fidelity import kl_full, kl_topk_tail, load_text, tokenize, topk_tail, window_logprobs, windows
+from quantstudy.scoring.divergence import kl_full, kl_topk_tail, topk_tail, window_logprobs, windows
+from quantstudy.stages.fidelity import load_text, tokenize
 
 
 def topk_error(baseline: str, variant: str, ids: np.ndarray, L: int, ks: list[int]) -> dict:

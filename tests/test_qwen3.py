@@ -365,12 +365,13 @@ PEAK = textwrap.dedent("""
     from pathlib import Path
     sys.path.insert(0, {root!r})
     import quantstudy.stages.fidelity as fid
+    import quantstudy.scoring.divergence as div
     from rich.console import Console
     from quantstudy.config import FidelityConfig, ModelConfig, StudyConfig
     from quantstudy.runtime.context import RunContext
     from quantstudy.store import ModelRecord, Store
     if {floats} is not None:
-        fid.HEAD_FLOATS = {floats}
+        div.HEAD_FLOATS = {floats}
     def hwm():
         return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
     d, tmp = Path({model!r}), Path({tmp!r})
@@ -399,16 +400,17 @@ def _fidelity_peak(model: Path, tmp: Path, text: Path, floats: int | None) -> di
 
 
 def test_fidelity_log_probs_come_in_bounded_chunks_at_qwen3_vocabulary(tmp_path, monkeypatch):
+    import quantstudy.scoring.divergence as div
     import quantstudy.stages.fidelity as fid
     from tests.tiny import text
 
     d = make_tiny_qwen3(tmp_path / "big", hidden=32, layers=1, vocab_size=QWEN3_VOCAB)
     model, tok = load_pretrained(d)
     ids = fid.tokenize(tok, text(3, 600), 300)
-    wins = fid.windows(len(ids), 128, 128)
-    monkeypatch.setattr(fid, "HEAD_FLOATS", 40 * QWEN3_VOCAB)  # 40 positions per chunk (the default: 110)
-    chunks = list(fid.window_logprobs(model, ids, wins, "cpu"))
-    assert all(lp.numel() <= fid.HEAD_FLOATS and lp.shape[1] == QWEN3_VOCAB for _, _, lp in chunks)
+    wins = div.windows(len(ids), 128, 128)
+    monkeypatch.setattr(div, "HEAD_FLOATS", 40 * QWEN3_VOCAB)  # 40 positions per chunk (the default: 110)
+    chunks = list(div.window_logprobs(model, ids, wins, "cpu"))
+    assert all(lp.numel() <= div.HEAD_FLOATS and lp.shape[1] == QWEN3_VOCAB for _, _, lp in chunks)
     assert [(a, b) for a, b, _ in chunks][:4] == [(1, 41), (41, 81), (81, 121), (121, 129)]
     assert sum(b - a for a, b, _ in chunks) == len(ids) - 1  # every target once
     with torch.no_grad():  # reference: the whole model's logits on each whole window
