@@ -152,7 +152,7 @@ def _compare_all(a: Analysis, cols: dict) -> None:
 
 
 def _mmlu(a: Analysis, by_model: dict) -> None:
-    mt = Metric("mmlu", "acc", Kind.binary)
+    mt = Metric("mmlu", items.declared("mmlu")[0], Kind.binary)
     for m in a.models:
         recs = [r for r in by_model.get(m.name, {}).get("mmlu", []) if r.correct is not None]
         for key, out in (("category", a.mmlu_category), ("subject", a.mmlu_subject)):

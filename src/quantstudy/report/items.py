@@ -27,8 +27,12 @@ class Kind(str, Enum):
     perplexity = "perplexity"
 
 
-# the name of each task's primary right/wrong metric (lm-eval's: acc for multiple choice, else exact match)
-_BINARY_NAME = {"squad_v2": "em", "gsm8k": "em", "openmathinstruct2": "em"}
+def declared(task: str) -> tuple[str, str]:
+    """A built-in task's right/wrong and continuous metric names, as the task declares them (tasks/)."""
+    from quantstudy.tasks import TASKS
+
+    t = next((t for n, t in TASKS.items() if n.value == task), None)
+    return (t.primary_metric, t.score_metric or "score") if t is not None else ("acc", "score")
 
 
 @dataclass(frozen=True)
@@ -78,13 +82,14 @@ def task_metrics(task: str, items: list[ItemRecord]) -> list[Metric]:
     out = []
     base = next((str(r.details["task_name"]) for r in items if "task_name" in r.details), task)  # an alias's task
     lmeval = next((str(r.details["metric"]) for r in items if r.details.get("metric")), None)  # lm-eval's name
+    binary, continuous = declared(base)
     if any(r.correct is not None for r in items):
-        out.append(Metric(task, lmeval or _BINARY_NAME.get(base, "acc"), Kind.binary))
+        out.append(Metric(task, lmeval or binary, Kind.binary))
     if any(r.score is not None for r in items):
         if any("n_words" in r.details for r in items):
             out.append(Metric(task, "word_perplexity", Kind.perplexity))
         else:
-            out.append(Metric(task, lmeval or ("f1" if base == "squad_v2" else "score"), Kind.mean))
+            out.append(Metric(task, lmeval or continuous, Kind.mean))
     return out
 
 

@@ -114,6 +114,12 @@ class Task:
     fewshot_delimiter = "\n\n"
     until: tuple[str, ...] = ()  # stop strings for generative tasks (the scorer adds EOS)
     hub = ""  # dataset id, for error messages
+    # What the report tests, declared here as lm-eval's metric_list does: the per-item right/wrong
+    # metric (lm-eval's acc for multiple choice, exact match otherwise), the per-item continuous one
+    # if the task scores items on a scale (SQuAD's F1), and the direction of the primary metric.
+    primary_metric = "acc"
+    score_metric: str | None = None
+    higher_is_better = True
 
     # --- documents
     def eval_items(self, data_dir: Path | None) -> list[Item]:

@@ -40,6 +40,7 @@ def matches(extracted: str, reference: str) -> bool:
 class GSM8KTask(Task):
     name = TaskName.gsm8k
     kind = Kind.generate
+    primary_metric = "em"
     default_fewshot = 5
     hub = "openai/gsm8k"
     until = ("Question:", "</s>", "<|im_end|>")

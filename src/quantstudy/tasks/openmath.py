@@ -66,6 +66,7 @@ def same_answer(pred: str | None, expected: str) -> bool:
 class OpenMathTask(Task):
     name = TaskName.openmathinstruct2
     kind = Kind.generate
+    primary_metric = "em"
     fewshot_from_eval = True
     hub = "nvidia/OpenMathInstruct-2"
     until = ("Problem:", "</s>", "<|im_end|>")

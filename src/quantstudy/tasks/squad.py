@@ -34,6 +34,7 @@ def squad_scores(answers: list[str], prediction: str) -> tuple[float, float]:
 class SquadV2Task(Task):
     name = TaskName.squad_v2
     kind = Kind.generate
+    primary_metric, score_metric = "em", "f1"
     hub = "lighteval/squad_v2"
     until = ("\n",)
 

@@ -45,6 +45,7 @@ def split_documents(raw: str) -> list[str]:
 class WikiTextTask(Task):
     name = TaskName.wikitext
     kind = Kind.rolling
+    primary_metric, higher_is_better = "word_perplexity", False  # per-document NLL weighted by words
     hub = "EleutherAI/wikitext_document_level"
 
     def eval_items(self, data_dir: Path | None) -> list[Item]:
