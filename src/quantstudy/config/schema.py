@@ -6,15 +6,12 @@ side is in evaluation.py, the whole study file and its loading in load.py, varia
 
 from __future__ import annotations
 
-import difflib
 import re
 from enum import Enum
-from pathlib import Path
-from typing import Annotated, Any, ClassVar, Iterator, Literal
+from typing import Any, ClassVar, Iterator, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from quantstudy.errors import QuantStudyError
 from quantstudy.config.schemes import Scheme
 
 
