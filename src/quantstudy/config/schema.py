@@ -15,8 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from quantstudy.config.schemes import Scheme
 
 
-def safe_name(v: str) -> bool:
-    """A name that becomes a folder (the study's, a variant's): letters, digits, '.', '_', '-', so it stays inside its parent."""
+def safe_name(v: str) -> bool:  # a name that becomes a folder (study, variant) must stay inside its parent
     return re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", v) is not None
 
 

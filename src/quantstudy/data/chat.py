@@ -114,4 +114,6 @@ def read_response(text: str, tokens: list[int], decode: Any, think: Think | None
     sp = split_reasoning(text, think)
     if sp.reasoning is None:
         return sp, 0
-    return sp, reasoning_token_count(tokens, decode, think.end) if sp.closed else len(tokens)  # type: ignore[union-attr]
+    if not sp.closed:
+        return sp, len(tokens)
+    return sp, reasoning_token_count(tokens, decode, think.end)  # type: ignore[union-attr]

@@ -24,8 +24,8 @@ _CHUNK = 16 << 20  # bytes read at a time when converting a large float tensor
 
 
 class Tensors:
-    """The checkpoint's tensors by name, each read on demand. Large float tensors are converted to the target dtype chunk by chunk, so a float32 embedding
-    never exists whole beside its bf16 copy."""
+    """The checkpoint's tensors by name, each read on demand. Large float tensors are converted to
+    the target dtype chunk by chunk, so a float32 embedding never exists whole beside its bf16 copy."""
 
     def __init__(self, path: Path) -> None:
         files = sorted(path.glob("*.safetensors"))
