@@ -102,3 +102,11 @@ def test_a_failing_stage_fails_only_what_depends_on_it(tmp_path, shared_data, cl
     done = set(db.execute("SELECT stage, model FROM stages WHERE status='done'"))
     assert ("evaluate", "rtn-w4g32") in done and ("fidelity", "rtn-w4g32") in done  # independent stages ran
     assert not any(m.startswith("gptq") for _, m in done)
+
+
+def test_a_stage_no_node_can_run_is_refused_at_start(tmp_path, shared_data, cluster):
+    study = _study(tmp_path, shared_data, "gpu", cluster={"quantize": {"num_gpus": 1}})
+    r = runner.invoke(app, ["run", str(study), "--format", "json", "--ray-address", cluster.address])
+    assert r.exit_code == 2, r.output
+    assert "no node of the cluster can run the quantize stage" in r.output and "GPU 1" in r.output
+    assert "cluster.quantize" in r.output
