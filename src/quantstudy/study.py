@@ -11,9 +11,7 @@ each stage yields records (records.py) and each record is written in one transac
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,12 +19,11 @@ from typing import Any, Callable
 
 from quantstudy.runtime import environment
 from quantstudy.data.calibration import check_held_out
-from quantstudy.config import LMEvalTaskSpec
 from quantstudy.records import MadeModel, Note
 from quantstudy.runtime.context import RunContext
-from quantstudy.runtime.modeldir import check_model_dir, file_sha256
-from quantstudy.stages.protocol import Job, Stage, StageName
-from quantstudy.stages.resolve import SourceKind, builtin_gguf, classify
+from quantstudy.runtime.modeldir import decoder_layers
+from quantstudy.stages.protocol import Job, Stage, StageName, key_of
+from quantstudy.stages.resolve import fingerprint
 from quantstudy.store import ModelRecord
 from quantstudy.config.variants import Variant, expand_variants
 
@@ -44,10 +41,6 @@ def stage(name: StageName | str) -> Stage:
     return importlib.import_module(STAGES[StageName(name)]).Stage()
 
 
-def key_of(*parts: object) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
-
-
 @dataclass
 class Step:
     stage: str  # resolve | train | quantize | evaluate | measure | fidelity | report
@@ -60,37 +53,13 @@ class Step:
     legacy_key: str | None = None  # the key this stage had before keys moved next to their stage (#18)
 
 
-def source_fingerprint(ctx: RunContext) -> str:
-    """Identity of the baseline weights, cheap enough to compute at every plan."""
-    m, base = ctx.cfg.model, ctx.config_dir
-    kind = classify(m.source, base)
-    if kind == SourceKind.builtin:
-        return key_of("builtin", m.source, file_sha256(builtin_gguf(m.source)))
-    if kind == SourceKind.gguf:
-        p = Path(m.source) if Path(m.source).is_absolute() else base / m.source
-        return key_of("gguf", file_sha256(p) if p.is_file() else str(p))
-    if kind == SourceKind.local:
-        p = Path(m.source) if Path(m.source).is_absolute() else base / m.source
-        check_model_dir(p)
-        # name/size/mtime of the weight files: hashing 8 GB at every plan would cost ~30 s
-        files = sorted((f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in p.iterdir() if f.is_file())
-        return key_of("local", str(p.resolve()), files)
-    return key_of("hub", m.source, m.revision or "main")
-
-
-def lmeval_plan_check(spec: LMEvalTaskSpec, config_dir: Path, trust: bool) -> str:
-    from quantstudy.tasks.lmeval_load import plan_check  # imports lm-eval: only for studies that use it
-
-    return plan_check(spec, config_dir, trust)
-
-
 def plan(ctx: RunContext) -> list[Step]:
     """The ordered list of stages the study needs, each marked cached or to run."""
     cfg, versions = ctx.cfg, environment.versions()
     variants = expand_variants(cfg)
     check_held_out(cfg, [(f"quantize: {v.name}: calibration.source", v.calibration) for v in variants
                          if v.calibration is not None], offline=ctx.data_dir is not None)
-    steps = [Step("resolve", BASE, key_of("resolve", source_fingerprint(ctx), *stage("resolve").key_inputs(cfg)))]
+    steps = [Step("resolve", BASE, key_of("resolve", fingerprint(ctx.cfg.model, ctx.config_dir), *stage("resolve").key_inputs(cfg)))]
     # model-level chat template variables and reasoning markers shape what later stages render and
     # score; they join those keys only when set, so keys of studies that predate them do not change
     tpl = [cfg.model.chat_template_kwargs] if cfg.model.chat_template_kwargs else []
@@ -98,8 +67,10 @@ def plan(ctx: RunContext) -> list[Step]:
     roots = [(BASE, steps[0].key)]
     # lm-eval tasks (#20): found, trusted and their data reachable, checked now (plan time); their user
     # YAML, code and data files join the evaluate key only when such tasks are listed
-    lmeval = [lmeval_plan_check(s, ctx.config_dir, cfg.evaluate.trust_task_code)
-              for s in (cfg.evaluate.lmeval_specs() if cfg.evaluate else [])]
+    specs = cfg.evaluate.lmeval_specs() if cfg.evaluate else []
+    if specs:
+        from quantstudy.tasks.lmeval_load import plan_check  # imports lm-eval: only for studies that use it
+    lmeval = [plan_check(s, ctx.config_dir, cfg.evaluate.trust_task_code) for s in specs]
     if cfg.train is not None:
         steps.append(Step("train", TRAINED, key_of("train", steps[0].key, *stage("train").key_inputs(cfg), versions, *tpl),
                           parents=[BASE]))
@@ -232,17 +203,11 @@ def run_step(ctx: RunContext, step: Step) -> None:
     if step.stage == "quantize" and job.variant.calibration is not None:  # RTN calibrates nothing
         from quantstudy.runtime.progress import calibration_progress
 
-        bar = calibration_progress(ctx.console, f"{step.model} · calibrated layers", _layers(job.model))
+        bar = calibration_progress(ctx.console, f"{step.model} · calibrated layers", decoder_layers(Path(job.model.path)))
     with bar:
         artifact = drive(ctx, job, step.key)
     step.seconds = time.perf_counter() - t0
     ctx.store.stage_finish(step.key, artifact, {"seconds": step.seconds})
-
-
-def _layers(rec: ModelRecord) -> int:
-    """Decoder layers of a model directory (its config.json; a multimodal config nests them)."""
-    cfg = json.loads((Path(rec.path) / "config.json").read_text())
-    return int(cfg.get("text_config", cfg).get("num_hidden_layers", 0))
 
 
 def _model(ctx: RunContext, name: str) -> ModelRecord:

@@ -162,3 +162,11 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def decoder_layers(model_dir: Path) -> int:
+    """Decoder layers of a model directory (its config.json; a multimodal config nests them)."""
+    import json
+
+    cfg = json.loads((model_dir / "config.json").read_text())
+    return int(cfg.get("text_config", cfg).get("num_hidden_layers", 0))

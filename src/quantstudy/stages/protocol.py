@@ -13,6 +13,8 @@ process, a no-op by default).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -20,6 +22,11 @@ from typing import Any, Iterator, Protocol
 
 from quantstudy.config import StudyConfig
 from quantstudy.records import ItemRecord, ModelRecord, Record
+
+
+def key_of(*parts: object) -> str:
+    """A stage's cache key: a hash of everything that can change its output."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
 class StageName(str, Enum):

