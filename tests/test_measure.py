@@ -111,6 +111,7 @@ def test_measure_model_writes_labelled_metrics(tmp_path):
             value, info = m[f"speed.{prefix}{key}"]
             assert info["backend"] == "transformers-dense" and info["weights"] == "dense"
             assert info["activation_dtype"] == dtype and info["rounds"] == 1
+            assert info["activations"]["activations_quantized"] is False  # read off the loaded modules (#22)
             assert info["n_prompts"] == 3 and info["max_new_tokens"] == 6 and info["device"] == "cpu"
     assert m["speed.batch_tokens_per_s"][1]["batch_size"] == 3  # speed.batch 8 > 3 prompts: one batch of 3
     ref = summarize(want)  # HF generate in float32: the float32 side must match it exactly

@@ -152,7 +152,7 @@ def activation_handling(model: Any) -> dict[str, Any]:
             k = f"{act.type.value if hasattr(act.type, 'value') else act.type}{act.num_bits} " \
                 f"{'dynamic' if act.dynamic else 'static'} per-{act.strategy.value if hasattr(act.strategy, 'value') else act.strategy}"
             kinds[k] = kinds.get(k, 0) + 1
-    return {"quantized_layers": sum(kinds.values()), "kinds": kinds}
+    return {"quantized_layers": sum(kinds.values()), "kinds": kinds, "activations_quantized": bool(kinds)}
 
 
 def prepare_loaded(model: Any) -> dict[str, Any]:
@@ -177,7 +177,6 @@ def prepare_loaded(model: Any) -> dict[str, Any]:
     out = activation_handling(model)
     out["weights_cast_to_model_dtype"] = cast
     out["dtype"] = str(dtype).removeprefix("torch.")
-    out["activations_quantized"] = out["quantized_layers"] > 0
     return out
 
 

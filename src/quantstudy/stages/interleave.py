@@ -77,6 +77,7 @@ def _worker(job: dict[str, Any], inq: Any, outq: Any) -> None:
         from quantstudy.scoring.generation import generate_tokens
         from quantstudy.stages.measure import GenStat, encode_prompts
         from quantstudy.runtime.modeldir import is_compressed, load_pretrained
+        from quantstudy.config.schemes import activation_handling, prepare_loaded
 
         def cpu() -> float:
             r = resource.getrusage(resource.RUSAGE_SELF)  # all threads of this process
@@ -91,10 +92,12 @@ def _worker(job: dict[str, Any], inq: Any, outq: Any) -> None:
 
             model, tok, rep = load_packed(Path(job["path"]), dev, job["trust_remote_code"])
             resident, dense_layers = rep.resident_bytes, rep.dense
+            activations = activation_handling(model)
         else:
             from quantstudy.scoring.packed import resident_bytes
 
             model, tok = load_pretrained(Path(job["path"]), dev, job["dtype"], job["trust_remote_code"])
+            activations = prepare_loaded(model)  # what the timed model does to its activations, read off its modules
             resident = resident_bytes(model)
         ids = encode_prompts(tok, job["prompts"], job.get("chat_kwargs"))
         batch = ids[:job["batch"]]
@@ -121,6 +124,7 @@ def _worker(job: dict[str, Any], inq: Any, outq: Any) -> None:
                            "threads": torch.get_num_threads(), "chat_template": bool(getattr(tok, "chat_template",
                                                                                                 None)),
                            "quantized": is_compressed(Path(job["path"])), "dense_layers": dense_layers,
+                           "activations": activations,
                            "batch": len(batch), "malloc_mmap_threshold": MMAP_THRESHOLD if fixed else None}))
     except Exception:  # the driver re-raises it with the model's name
         outq.put(("error", traceback.format_exc()))

@@ -90,6 +90,8 @@ def labels(ctx: Job, job: dict[str, Any], side: dict[str, Any], batch: int) -> d
     return {"backend": (f"torch-int4pack-{ctx.device}" if packed else "transformers-dense"),
             "weights": "packed" if packed else ("decompressed" if side["quantized"] else "dense"),
             "activation_dtype": job["dtype"], "device": ctx.device, "threads": side["threads"],
+            # quantized activations (W8A8, FP8) as the loaded modules apply them (#22), like evaluate/fidelity record
+            "activations": side.get("activations"),
             "batch_size": batch, "n_prompts": len(job["prompts"]), "max_new_tokens": job["max_new_tokens"],
             "warmup": job["warmup"], "warmup_tokens": min(job["max_new_tokens"], WARMUP_TOKENS),
             "chat_template": side["chat_template"], "rounds": side["rounds"],
