@@ -177,20 +177,8 @@ class Store:
                                    hit_max=None if r[11] is None else bool(r[11]), latency_s=r[12])
 
     # ---------------------------------------------------------------- per-layer, calibration, series
-    def put_layers(self, model: str, rows: Iterable[tuple[str, float | None, float | None]]) -> None:
-        """A quantization's per-layer records, whole: replaces the model's previous ones."""
-        with self.tx():
-            self.db.execute("DELETE FROM layers WHERE model=?", (model,))
-            self.db.executemany("INSERT OR REPLACE INTO layers VALUES(?,?,?,?)", [(model, *r) for r in rows])
-
     def layers(self, model: str) -> list[tuple[str, float | None, float | None]]:
         return list(self.db.execute("SELECT layer, error, seconds FROM layers WHERE model=? ORDER BY rowid", (model,)))
-
-    def put_calibration(self, model: str, samples: list[tuple[str, str]]) -> None:
-        with self.tx():
-            self.db.execute("DELETE FROM calibration WHERE model=?", (model,))
-            self.db.executemany("INSERT INTO calibration VALUES(?,?,?,?)",
-                                [(model, i, sid, h) for i, (sid, h) in enumerate(samples)])
 
     def calibration(self, model: str) -> list[tuple[str, str]]:
         return list(self.db.execute("SELECT sample_id, sample_hash FROM calibration WHERE model=? ORDER BY idx",

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from quantstudy.runtime import environment
-from quantstudy.data.calibration import check_held_out
+from quantstudy.data.heldout import check_held_out
 from quantstudy.records import MadeModel, Note
 from quantstudy.runtime.context import RunContext
 from quantstudy.runtime.modeldir import decoder_layers

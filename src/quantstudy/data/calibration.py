@@ -17,7 +17,6 @@ from typing import Any
 from quantstudy.data import chat
 from quantstudy.config import CalibrationConfig, CalibSource
 from quantstudy.errors import QuantStudyError
-from quantstudy.data.heldout import check_held_out  # noqa: F401  (moved; study.py still imports it from here)
 from quantstudy.data.conversations import Conversation, load_conversations
 
 
