@@ -155,6 +155,14 @@ def execute_ray(ctx: Any, steps: list[Any], wanted: Callable[[Any], bool], addre
             return not any(o.stage == "fidelity" and o.parents == s.parents for o in running.values())
         return not any(o.stage == "measure" for o in running.values())
 
+    ndone, total = 0, len(todo)
+
+    def status() -> None:  # the whole study at a glance: done, running (and where), pending
+        now = {f"{o.stage} {o.model}" + (f" @{where[id(o)]['node']}" if id(o) in where else "")
+               for o in running.values()}
+        ctx.console.print(f"[dim]cluster: {ndone}/{total} done, running: {', '.join(sorted(now)) or '-'}; "
+                          f"{len(todo)} pending, {len(failed)} failed[/]", highlight=False, soft_wrap=True)
+
     while todo or running:
         for s in [s for s in todo if blocked(s)]:
             todo.remove(s)
@@ -201,6 +209,8 @@ def execute_ray(ctx: Any, steps: list[Any], wanted: Callable[[Any], bool], addre
                 if shares[id(s)] == 0 and label(s) not in failed:  # its last task ended
                     s.seconds = time.perf_counter() - t0[id(s)]
                     on_done(s, made.get(id(s)), where.get(id(s), {}))
+                    ndone += 1
+                    status()
                 continue
             except Exception as e:  # the stage raised, or Ray gave up on it: this stage fails, others go on
                 del running[gen]
