@@ -221,9 +221,8 @@ def test_autoround_records_its_per_block_loss(tiny96, tmp_path):
 
 def test_autoround_tunes_against_the_layers_own_output(tiny96, tmp_path, monkeypatch):
     """AutoRound's reference for a decoder block must be that block's real output on the calibration
-    text. llm-compressor 0.14 hands auto-round the layer's captured 4-D causal mask, with which
-    auto-round's block forward is not the layer's (SmolLM2: 12.7% off at block 0, a broken model after
-    tuning); quantize drops such masks (autoround_uncaptured_causal_mask). Reference: the float model's
+    text (llm-compressor hands auto-round each layer's captured call: inputs, causal mask, positions;
+    a wrong capture would make AutoRound tune towards the wrong targets). Reference: the float model's
     own hidden states, sample by sample."""
     from auto_round.algorithms import composer
 

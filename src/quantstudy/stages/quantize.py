@@ -111,44 +111,6 @@ def build_recipe(v: Variant) -> list[Any]:
     return front + [QuantizationModifier(config_groups=groups, ignore=ignore)]
 
 
-def plain_causal(mask: Any) -> bool:
-    """A 4-D attention mask [batch, 1, q, k] that only hides the future (what a decoder layer builds for
-    itself when given no mask): True where dropping it changes nothing."""
-    import torch
-
-    if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[-1] != mask.shape[-2]:
-        return False
-    allowed = mask if mask.dtype == torch.bool else mask == 0
-    return bool(torch.equal(allowed, torch.ones(mask.shape[-2:], dtype=torch.bool, device=mask.device).tril()
-                            .expand_as(allowed)))
-
-
-@contextlib.contextmanager
-def autoround_uncaptured_causal_mask() -> Iterator[None]:
-    """llm-compressor 0.14's AutoRoundModifier hands auto-round 0.15 each decoder layer's captured call,
-    including the 4-D float causal mask; auto-round's block forward with that mask is not the layer's
-    forward (measured on SmolLM2-135M: block 0's output 12.7% off, relative, on unchanged float inputs;
-    with no mask, identical). Its reference outputs and tuning are then wrong: block losses ~1500 from
-    block 2 and a model with WikiText perplexity 34,100 (base 20.8). Our calibration rows are unpadded,
-    so each captured mask only hides the future, which the layer does by itself without one: such masks
-    are left out of what AutoRound captures (the layer's own calibration pass keeps its mask). Padding
-    across samples is llm-compressor's, and its loss mask excludes it. Remove when fixed upstream."""
-    from llmcompressor.modifiers.autoround import AutoRoundModifier
-
-    original = AutoRoundModifier.input_capture_hook
-
-    def capture(self: Any, module: Any, args: Any, kwargs: dict[str, Any]) -> Any:
-        if plain_causal(kwargs.get("attention_mask")):
-            kwargs = {**kwargs, "attention_mask": None}
-        return original(self, module, args, kwargs)
-
-    AutoRoundModifier.input_capture_hook = capture  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        AutoRoundModifier.input_capture_hook = original  # type: ignore[method-assign]
-
-
 @contextlib.contextmanager
 def cpu_awq_pin_memory_fix() -> Iterator[None]:
     """llm-compressor 0.14 AWQ pins cached activations for faster host->GPU copies; on a
@@ -256,8 +218,7 @@ def run_oneshot(model: Any, tokenizer: Any, v: Variant, dataset: Any | None, max
                       shuffle_calibration_samples=False)  # our sampler already fixed the order
     failpoint("calibration")
     t0 = time.perf_counter()
-    with report.capture(), (cpu_awq_pin_memory_fix() if v.method == Method.awq else contextlib.nullcontext()), \
-            (autoround_uncaptured_causal_mask() if v.method == Method.autoround else contextlib.nullcontext()):
+    with report.capture(), (cpu_awq_pin_memory_fix() if v.method == Method.awq else contextlib.nullcontext()):
         oneshot(model=model, recipe=build_recipe(v), **kwargs)
     seconds = time.perf_counter() - t0
     tmp = attempt_dir(out_dir)  # this attempt's own folder, renamed into place when complete
