@@ -69,7 +69,7 @@ def check_layer() -> None:
 
 
 def time_decode(model, batch: int, new_tokens: int, rounds: int) -> float:
-    from quantstudy.scoring.generation import generate_tokens
+    from quantstudy.scoring.batchgen import generate_tokens
 
     class Tok:  # generate_tokens needs only these
         eos_token_id, pad_token_id = -1, 0

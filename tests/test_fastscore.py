@@ -10,7 +10,7 @@ from lm_eval.models.huggingface import HFLM
 
 from quantstudy.scoring import fastscore
 from quantstudy.scoring.fastscore import FastScorer
-from quantstudy.scoring.generation import generate_tokens
+from quantstudy.scoring.batchgen import generate_tokens
 from quantstudy.scoring.protocol import GenRequest, LLRequest
 from tests.tiny import bpe_llama
 

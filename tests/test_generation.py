@@ -144,8 +144,10 @@ def test_grouped_query_sdpa_inside_generation_only(tiny, monkeypatch):
     attention implementation is restored afterwards."""
     model, tok = tiny
     calls: list[int] = []
-    real = generation._sdpa_gqa
-    monkeypatch.setattr(generation, "_sdpa_gqa", lambda *a, **k: (calls.append(a[2].shape[1]), real(*a, **k))[1])
+    from quantstudy.scoring import attention
+
+    real = attention._sdpa_gqa
+    monkeypatch.setattr(attention, "_sdpa_gqa", lambda *a, **k: (calls.append(a[2].shape[1]), real(*a, **k))[1])
     before = model.config._attn_implementation
     generate_continuous(model, tok, prompts(tok)[:4], 4, [], batch_size=2)
     assert model.config._attn_implementation == before

@@ -1,91 +1,22 @@
-"""Greedy generation with a KV cache; each sequence stops on its own stop condition.
+"""Continuous batching: the evaluate stage's generation, greedy, each request stopping on its own.
 
-`generate_tokens`: one left-padded batch (the speed benchmark's loop). `generate_continuous`: the
-evaluate stage's many requests, with prompt prefixes computed once per group of requests that
-share them and a batch kept full as requests finish (a finished row's slot takes the next request).
+`generate_continuous` runs many requests with prompt prefixes computed once per group of requests
+that share them and a batch kept full as requests finish (a finished row's slot takes the next
+request). One left-padded batch (the speed benchmark's loop) is batchgen.py; attention without
+copied keys on the CPU is attention.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from quantstudy.data.chat import Think, split_reasoning
-
-
-@dataclass
-class Generation:
-    tokens: list[int]  # generated ids, up to and including the one that completed a stop
-    hit_max: bool  # ran to max_new_tokens without a stop
-    ttft_s: float  # prompt processing + first token, from the start of the batch
-    seconds: float  # start of the batch until this sequence stopped
-    cost_s: float = 0.0  # generate_continuous: this request's share of the forward passes' wall time
-
-
-@torch.inference_mode()
-def generate_tokens(model: Any, tok: Any, prompts: list[list[int]], max_new: int, stops: list[str],
-                    device: str = "cpu", thinks: list[Think | None] | None = None) -> list[Generation]:
-    """Greedy decoding of a left-padded batch with a KV cache.
-
-    Each sequence stops at EOS or at its first stop string (checked on the decoded text, as
-    lm-eval's stopping criteria do); a stopped sequence is dropped from the batch and its
-    cache rows with it, so it costs no further compute. With reasoning markers (`thinks`, one per
-    prompt) stop strings are looked for only in the answer after the reasoning block: a reasoning
-    trace often contains them ("Question:", blank lines), and cutting it there loses the answer.
-    """
-    from transformers import DynamicCache
-
-    eos = {tok.eos_token_id} | set(_as_list(getattr(model.generation_config, "eos_token_id", None)))
-    eos.discard(None)
-    n, width = len(prompts), max(len(p) for p in prompts)
-    ids = torch.full((n, width), tok.pad_token_id or 0, dtype=torch.long)
-    attn = torch.zeros(n, width, dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids[b, width - len(p):], attn[b, width - len(p):] = torch.tensor(p), 1
-    ids, attn = ids.to(device), attn.to(device)
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)  # as HF generate: positions count real tokens only
-    cache = DynamicCache(config=model.config)
-    out: list[list[int]] = [[] for _ in range(n)]
-    res: list[Generation | None] = [None] * n
-    live = list(range(n))  # batch row -> sequence index
-    t0, ttft = time.perf_counter(), 0.0
-    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache,
-                   use_cache=True, logits_to_keep=1).logits
-    for step in range(max_new):
-        nxt = logits[:, -1].argmax(-1)
-        if step == 0:
-            ttft = time.perf_counter() - t0
-        keep = []
-        for r, (b, t) in enumerate(zip(live, nxt.tolist())):
-            out[b].append(t)
-            stopped = t in eos
-            if stops and not stopped:  # no decoding without stop strings: the speed benchmark times this loop
-                answer = split_reasoning(tok.decode(out[b]), thinks[b] if thinks else None).answer
-                stopped = any(s in answer for s in stops)
-            if stopped or step == max_new - 1:
-                res[b] = Generation(out[b], not stopped, ttft, time.perf_counter() - t0)
-            else:
-                keep.append(r)
-        if not keep:
-            break
-        if len(keep) < len(live):  # drop finished rows from the batch and the cache
-            sel = torch.tensor(keep, device=device)
-            cache.batch_select_indices(sel)
-            nxt, attn, pos = nxt[sel], attn[sel], pos[sel]
-            live = [live[r] for r in keep]
-        attn = torch.cat([attn, attn.new_ones(len(live), 1)], dim=1)
-        pos = pos[:, -1:] + 1
-        logits = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos, past_key_values=cache,
-                       use_cache=True).logits
-    return res  # type: ignore[return-value]
-
-
-def _as_list(x: Any) -> list[Any]:
-    return list(x) if isinstance(x, (list, tuple)) else [x]
+from quantstudy.scoring.attention import grouped_sdpa
+from quantstudy.scoring.batchgen import Generation, as_list, generate_batches
 
 
 # ------------------------------------------------------------------ continuous batching
@@ -118,51 +49,6 @@ STATS = GenStats()
 def slot_width(lmax: int, max_new: int) -> int:
     """Columns per slot: the longest prompt, its max_new tokens and SLACK (see SLACK)."""
     return lmax + max_new + SLACK
-
-
-# transformers' SDPA path copies keys and values num_heads / kv_heads times (repeat_kv) whenever a mask
-# is given, which is every slot-cache step: those copies were 25% of the CPU time of SmolLM2 on 16
-# GSM8K prompts (profiled), and at 16 rows x 1200 columns one layer's attention took 52 ms with them
-# vs 3.3 ms with torch's own grouped-query SDPA, bitwise the same output (torch 2.13 CPU). torch's scaled_dot_product_attention(enable_gqa=True) takes the grouped
-# keys as they are; registered under its own name (transformers' AttentionInterface, sdpa's mask
-# builder) and switched on around generate_continuous only, on CPU (CUDA with a mask falls back to
-# the math kernel, which repeats keys itself).
-GQA_SDPA = "quantstudy_sdpa_gqa"
-
-
-def _sdpa_gqa(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-              attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-              is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """transformers' sdpa_attention_forward less repeat_kv: query [b, heads, q, d], key/value [b, kv_heads, k, d]."""
-    q_len = query.shape[2]
-    causal = q_len > 1 and attention_mask is None and (is_causal if is_causal is not None else
-                                                       getattr(module, "is_causal", True))
-    if causal and key.shape[2] > q_len:  # as transformers: is_causal is upper-left aligned
-        key, value = key[:, :, :q_len], value[:, :, :q_len]
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=causal,
-        enable_gqa=key.shape[1] != query.shape[1])
-    return out.transpose(1, 2).contiguous(), None
-
-
-@contextlib.contextmanager
-def _grouped_sdpa(model: Any, device: str) -> Iterator[None]:
-    """Inside the block an SDPA model on the CPU attends through _sdpa_gqa; restored afterwards."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
-    cfg = model.config.get_text_config()
-    before = cfg._attn_implementation
-    if before != "sdpa" or torch.device(device).type != "cpu":
-        yield
-        return
-    AttentionInterface.register(GQA_SDPA, _sdpa_gqa)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(GQA_SDPA, sdpa_mask)
-    cfg._attn_implementation = GQA_SDPA
-    try:
-        yield
-    finally:
-        cfg._attn_implementation = before
 
 
 def shared_prefixes(prompts: list[list[int]], order: list[int], min_shared: int = MIN_SHARED) -> list[int]:
@@ -250,8 +136,8 @@ def generate_continuous(model: Any, tok: Any, prompts: list[list[int]], max_new:
     if n == 0:
         return []
     if not supports_slots(model):  # e.g. sliding-window layers: lm-eval's order, one padded batch at a time
-        return _batches(model, tok, prompts, max_new, stops, device, thinks, batch_size)
-    eos = {tok.eos_token_id} | set(_as_list(getattr(model.generation_config, "eos_token_id", None)))
+        return generate_batches(model, tok, prompts, max_new, stops, device, thinks, batch_size)
+    eos = {tok.eos_token_id} | set(as_list(getattr(model.generation_config, "eos_token_id", None)))
     eos.discard(None)
     pad = tok.pad_token_id or 0
     order = sorted(range(n), key=lambda i: prompts[i])
@@ -358,7 +244,7 @@ def generate_continuous(model: Any, tok: Any, prompts: list[list[int]], max_new:
                 pos[h], start[h], cur[h], req[h] = pos[last], start[last], cur[last], req[last]
             live -= 1
 
-    with _grouped_sdpa(model, device):
+    with grouped_sdpa(model, device):
         live = slots
         refill(list(range(slots)))
         while live:
@@ -396,21 +282,4 @@ def generate_continuous(model: Any, tok: Any, prompts: list[list[int]], max_new:
             if free:
                 refill(free)
     STATS.cache_bytes = max(STATS.cache_bytes, cache.nbytes())
-    return res  # type: ignore[return-value]
-
-
-def _batches(model: Any, tok: Any, prompts: list[list[int]], max_new: int, stops: list[str], device: str,
-             thinks: list[Think | None] | None, batch_size: int) -> list[Generation]:
-    """generate_tokens one batch at a time, longest prompts first (lm-eval's order)."""
-    idx = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    res: list[Generation | None] = [None] * len(prompts)
-    for b in range(0, len(idx), batch_size):
-        chunk = idx[b:b + batch_size]
-        t0 = time.perf_counter()
-        gens = generate_tokens(model, tok, [prompts[i] for i in chunk], max_new, stops, device,
-                               [thinks[i] for i in chunk] if thinks else None)
-        share = (time.perf_counter() - t0) / len(chunk)
-        for i, g in zip(chunk, gens):
-            g.cost_s = share
-            res[i] = g
     return res  # type: ignore[return-value]

@@ -74,7 +74,7 @@ def _worker(job: dict[str, Any], inq: Any, outq: Any) -> None:
     try:
         import torch
 
-        from quantstudy.scoring.generation import generate_tokens
+        from quantstudy.scoring.batchgen import generate_tokens
         from quantstudy.stages.measure import GenStat, encode_prompts
         from quantstudy.runtime.modeldir import is_compressed, load_pretrained
         from quantstudy.config.schemes import activation_handling, prepare_loaded
