@@ -23,7 +23,8 @@ from quantstudy.config import parse_config
 from quantstudy.config.variants import expand_variants
 from quantstudy.stages.resolve import materialize_builtin
 from quantstudy.runtime.modeldir import load_pretrained, weights_size
-from quantstudy.stages.quantize import build_recipe, cpu_awq_pin_memory_fix, run_oneshot
+from quantstudy.stages.quantize import build_recipe, run_oneshot
+from quantstudy.stages.quantize_log import cpu_awq_pin_memory_fix
 from quantstudy.runtime.resources import track_peak_memory
 
 

@@ -22,7 +22,8 @@ from quantstudy.config import parse_config
 from quantstudy.errors import QuantStudyError
 from quantstudy.stages.resolve import resolve_source
 from quantstudy.runtime.modeldir import load_pretrained
-from quantstudy.stages.quantize import LayerReport, run_oneshot
+from quantstudy.stages.quantize import run_oneshot
+from quantstudy.stages.quantize_log import LayerReport
 from quantstudy.data.conversations import Conversation
 from tests.test_quantize import calib_dataset, levels_per_group, variant
 from tests.tiny_qwen3 import QWEN3_VOCAB, ScriptedReasoning, make_tiny_qwen3

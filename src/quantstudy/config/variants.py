@@ -35,10 +35,6 @@ class Variant(Strict):
     def quantizes_activations(self) -> bool:
         return self.scheme is not None and info(self.scheme).quantizes_activations
 
-    @property
-    def calib_samples(self) -> int | None:
-        return None if self.calibration is None else int(self.calibration.samples)  # type: ignore[arg-type]
-
     def describe(self) -> str:
         g = "per-channel" if self.group_size is None else f"g{self.group_size}"
         if self.scheme is None:
