@@ -4,7 +4,6 @@ loses nothing already computed. Each case runs the real CLI on a real (tiny) stu
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 from pathlib import Path
 

@@ -114,7 +114,7 @@ def plan(config: Path, data_dir: Optional[Path] = DataDir, debug: bool = Debug,
         secs = estimate.stage_seconds(ctx, steps)
         cols = ["#", "stage", "model", "status", "~time"]
         if ctx.cfg.cluster is not None:  # which stages a Ray run (`run --ray-address`) can start together
-            from quantstudy.runtime.cluster import waves
+            from quantstudy.runtime.cluster_plan import waves
 
             cols.append("Ray round")
             rounds = waves(steps)
@@ -151,7 +151,7 @@ def run(config: Path, data_dir: Optional[Path] = DataDir, fmt: str = typer.Optio
                                                   "cluster: auto, HOST:PORT or ray://... (default: $RAY_ADDRESS, "
                                                   "else in this process)")) -> None:
     """Run the whole study (cached stages are skipped) and write the report."""
-    from quantstudy.runtime.cluster import ray_address as address_of
+    from quantstudy.runtime.cluster_plan import ray_address as address_of
     from quantstudy.study import run_study
 
     formats = parse_formats(fmt)

@@ -23,6 +23,9 @@ class ClusterConfig(Strict):
     # None: the study directory, which is right only when every worker runs on this machine
     model_dir: str | None = None
     max_retries: int = Field(2, ge=0)  # re-runs of a task whose worker died (Ray's retry)
+    # evaluation is cut into at least this many tasks per evaluation worker (bundles of items), so
+    # no worker idles behind one long task; more means smaller bundles and more model loads
+    tasks_per_worker: float = Field(2, gt=0)
     resolve: StageResources = StageResources()
     train: StageResources = StageResources()
     quantize: StageResources = StageResources()

@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from quantstudy.config.cluster import ClusterConfig
 from quantstudy.errors import QuantStudyError
 from quantstudy.config.schema import (
-    CalibSource, CalibrationConfig, Device, Method, ModelConfig, QuantizeEntry, Strict, TaskName, TrainConfig, safe_name,
+    CalibSource, CalibrationConfig, Device, Method, ModelConfig, QuantizeEntry, Strict, TrainConfig, safe_name,
 )
 from quantstudy.config.evaluation import DecisionConfig, EvaluateConfig, FidelityConfig, LMEvalTaskSpec, TaskSpec
 

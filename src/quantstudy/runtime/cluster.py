@@ -4,8 +4,11 @@ Ray does the scheduling, placement, retries and transport; this module only deci
 ready and writes what comes back. The driver keeps the study lock and the SQLite store and is
 its only writer: a task gets a `Job` (plain data) and streams its records back (a Ray streaming
 generator), and the driver commits each record as it arrives, as the in-process executor does.
-Units of work: one task per stage and model (quantize: per variant; evaluate: per model, its
-items streamed back batch by batch; measure: per (parent, variant) pair; fidelity: per variant).
+Units of work: one task per stage and model (quantize: per variant; measure: per (parent, variant)
+pair; fidelity: per variant), except evaluate: one task per bundle of a model's items (a task entry,
+or a contiguous part of its prompt-sorted items: cluster_plan.evaluate_parts), its items streamed
+back batch by batch; when a model's last bundle is in, the driver aggregates each cut task from
+the stored items.
 Ordering rules that keep the numbers honest:
   - measure tasks run one at a time, when no other task is running: a speed figure taken beside
     another job measures the contention (pin them to one node type with `cluster.measure.resources`);
@@ -16,7 +19,6 @@ A failed stage fails only what depends on it; the run ends non-zero naming every
 
 from __future__ import annotations
 
-import os
 import socket
 import time
 import uuid
@@ -25,9 +27,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from quantstudy.errors import QuantStudyError
-from quantstudy.records import MadeModel, Note, Provenance, Record
-
-MAKE = ("resolve", "train", "quantize")
+from quantstudy.records import ItemBatch, MadeModel, Metrics, Note, Provenance, Record
+from quantstudy.runtime.cluster_plan import MAKE, alive, check_resources, evaluate_parts, slots
+from quantstudy.runtime.faults import failpoint
 
 
 def connect(address: str) -> Any:
@@ -69,7 +71,11 @@ def _worker(job: Any, versions: dict[str, str], num_cpus: float, log: str) -> It
         if weights_hash(Path(job.model.path)) != job.model.weights_hash:  # the shared copy is the stored one
             raise QuantStudyError(f"model {job.model.name} at {job.model.path} does not have the weights the "
                                   "store recorded", fix="check that cluster.model_dir is the same folder on every node")
-    yield Provenance(socket.gethostname(), environment.hardware(), mine)
+    import ray
+
+    # which node and accelerators Ray gave this task (hostnames can repeat; GPU ids: CUDA_VISIBLE_DEVICES)
+    place = {"ray_node_id": ray.get_runtime_context().get_node_id(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+    yield Provenance(socket.gethostname(), {**environment.hardware(), **place}, mine)
     with Output(verbose=False).capture(Path(log)):
         yield from stage(job.stage).run(job)
 
@@ -96,24 +102,6 @@ def check_shared(ray: Any, folder: Path) -> None:
         probe.unlink(missing_ok=True)
 
 
-def check_resources(ray: Any, ccfg: Any, stages: set[str]) -> None:
-    """Each stage kind must fit on some live node, or it would wait forever: say so now instead."""
-    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-    for name in sorted(stages):
-        res = getattr(ccfg, name)
-        need = {"CPU": res.num_cpus, "GPU": res.num_gpus, **res.resources}
-        if res.memory:
-            need["memory"] = res.memory
-        need = {k: v for k, v in need.items() if v}
-        if not any(all(node.get(k, 0) >= v for k, v in need.items()) for node in nodes):
-            have = "; ".join(", ".join(f"{k} {v:g}" for k, v in sorted(n.items()) if not k.startswith("node:"))
-                             for n in nodes)
-            raise QuantStudyError(f"no node of the cluster can run the {name} stage: it asks for "
-                                  f"{', '.join(f'{k} {v:g}' for k, v in need.items())}; nodes have: {have or 'none'}",
-                                  field=f"cluster.{name}", fix="lower the request in the study's cluster: section, "
-                                  "or add a node that has it")
-
-
 def execute_ray(ctx: Any, steps: list[Any], wanted: Callable[[Any], bool], address: str,
                 on_start: Callable[[Any], None], on_done: Callable[[Any, str | None, dict], None]) -> None:
     """Run the wanted, not yet done steps on the cluster at `address` (see the module docstring)."""
@@ -127,7 +115,9 @@ def execute_ray(ctx: Any, steps: list[Any], wanted: Callable[[Any], bool], addre
     check_shared(ray, shared / "models")
     versions = environment.versions()
     todo = [s for s in steps if wanted(s) and not is_done(ctx, s)]
-    check_resources(ray, ccfg, {s.stage for s in todo})
+    check_resources(alive(ray), ccfg, {s.stage for s in todo})
+    n_eval = sum(s.stage == "evaluate" for s in todo)
+    parts = evaluate_parts(ctx.cfg, ctx.data_dir, n_eval, slots(alive(ray), ccfg.evaluate)) if n_eval else []
     maker = {s.model: s for s in steps if s.stage in MAKE}
     running: dict[Any, Any] = {}  # streaming generator -> step
     failed: dict[str, str] = {}  # step label -> why
@@ -180,13 +170,13 @@ def execute_ray(ctx: Any, steps: list[Any], wanted: Callable[[Any], bool], addre
                 opts["memory"] = res.memory
             on_start(s)
             t0[id(s)] = time.perf_counter()
-            # evaluate: one task per task entry of the model (its items stream back batch by batch)
-            parts = [[k] for k in task_keys(ctx.cfg)] if s.stage == "evaluate" else [None]
-            shares[id(s)] = len(parts)
-            for part in parts:
-                log = ctx.study_dir / "logs" / f"{s.stage}-{s.model}{'-' + part[0] if part else ''}.log"
-                running[ray.remote(_worker).options(**opts).remote(replace(job, tasks=part), versions,
-                                                                   res.num_cpus, str(log))] = s
+            # evaluate: one task per bundle of items (evaluate_parts), its items streamed back batch by batch
+            mine = parts if s.stage == "evaluate" else [None]
+            shares[id(s)] = len(mine)
+            for part in mine:
+                one = replace(job, tasks=[part[0]], shard=part[1]) if part else job
+                log = ctx.study_dir / "logs" / f"{s.stage}-{s.model}{_suffix(part)}.log"
+                running[ray.remote(_worker).options(**opts).remote(one, versions, res.num_cpus, str(log))] = s
         if not running:
             if todo:  # nothing can start: a resource no node has would hang here
                 raise QuantStudyError(f"no stage can start ({', '.join(label(s) for s in todo)})",
@@ -207,6 +197,8 @@ def execute_ray(ctx: Any, steps: list[Any], wanted: Callable[[Any], bool], addre
                 del running[gen]
                 shares[id(s)] -= 1
                 if shares[id(s)] == 0 and label(s) not in failed:  # its last task ended
+                    if s.stage == "evaluate" and any(p[1] for p in parts):  # the cut tasks' figures, from
+                        aggregate(ctx, s, [p[0] for p in parts if p[1]])   # all their stored items
                     s.seconds = time.perf_counter() - t0[id(s)]
                     on_done(s, made.get(id(s)), where.get(id(s), {}))
                     ndone += 1
@@ -225,6 +217,8 @@ def execute_ray(ctx: Any, steps: list[Any], wanted: Callable[[Any], bool], addre
                 where[id(s)] = {"node": rec.node, "hardware": rec.hardware, "versions": rec.versions}
             else:
                 ctx.store.write(rec, s.key)
+                if isinstance(rec, ItemBatch):
+                    failpoint("driver-items")  # tests kill the driver here: this batch is stored, later ones not
                 if isinstance(rec, MadeModel):
                     made[id(s)] = rec.model.path
     if failed:
@@ -232,33 +226,18 @@ def execute_ray(ctx: Any, steps: list[Any], wanted: Callable[[Any], bool], addre
                               fix="read each stage's log under logs/, fix the cause and run again (done stages are kept)")
 
 
-def task_keys(cfg: Any) -> list[str]:
-    """The evaluate stage's task entries, each its own Ray task."""
-    ecfg = cfg.evaluate
-    return [s.key for s in ecfg.task_specs()] + [s.key for s in ecfg.lmeval_specs()] if ecfg else []
+def _suffix(part: Any) -> str:
+    if part is None:
+        return ""
+    return f"-{part[0]}" + (f"-{part[1][0] + 1}of{part[1][1]}" if part[1] else "")
 
 
-def waves(steps: list[Any]) -> list[int]:
-    """For `plan`: the earliest round each stage could start in on a big enough cluster, by the
-    executor's rules (after the models it reads; fidelity per parent in turn; measure alone, last).
-    Stages with the same number can run at the same time."""
-    maker = {s.model: i for i, s in enumerate(steps) if s.stage in MAKE}
-    wave: list[int] = [0] * len(steps)
-    last_fid: dict[str, int] = {}
-    for i, s in enumerate(steps):  # plan order is topological
-        reads = s.parents if s.stage in MAKE else [s.model, *s.parents]
-        wave[i] = 1 + max([wave[maker[m]] for m in reads if m in maker and maker[m] != i] or [0])
-        if s.stage == "fidelity":
-            wave[i] = max(wave[i], last_fid.get(s.parents[0], 0) + 1)
-            last_fid[s.parents[0]] = wave[i]
-    top = max([w for w, s in zip(wave, steps) if s.stage != "measure"] or [0])
-    for i, s in enumerate(steps):
-        if s.stage == "measure":
-            top += 1
-            wave[i] = top
-    return wave
+def aggregate(ctx: Any, step: Any, keys: list[str]) -> None:
+    """A task cut into parts: once every part is stored, the evaluate stage runs here over the stored
+    items (all fresh, so no model is loaded) and yields the task's figures, which the driver writes."""
+    from quantstudy.study import job_for, stage
 
-
-def ray_address(flag: str | None) -> str | None:
-    """The --ray-address flag, else RAY_ADDRESS; None runs in process."""
-    return flag or os.environ.get("RAY_ADDRESS") or None
+    job = replace(job_for(ctx, step), tasks=sorted(set(keys)))
+    for rec in stage(job.stage).run(job):
+        if isinstance(rec, (Metrics, ItemBatch)):  # ItemBatch only if a part's items went missing
+            ctx.store.write(rec, step.key)

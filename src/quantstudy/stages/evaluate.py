@@ -194,12 +194,14 @@ def evaluate_model(ctx: Job) -> Iterator[Record]:
         tag = "\x00".join(t for t in (kwargs_tag(kwargs), think_tag(ctx, task)) if t)
         prompts = build_prompts(task, items, ctx.data_dir, spec.num_fewshot, ecfg.seed, chat, tag)
         have = dict(ctx.stored.get(spec.key, {}))
-        todo = [p for p in prompts if not _fresh(have.get(p.item.id), p, task, ecfg.max_new_tokens)]
-        label = f"{model.name} · {spec.key}"
-        bar = progress.add_task(label, total=len(prompts), completed=len(prompts) - len(todo))
-        step = items_per_call(task.kind, ecfg.batch_size)
+        mine = prompts
         if task.kind is not Kind.rolling:  # questions with shared prompt prefixes share a call, so the prefix
-            todo.sort(key=lambda p: p.context)  # is computed once (MMLU 5-shot: 27% fewer tokens; SQuAD: a passage)
+            mine = sorted(prompts, key=lambda p: p.context)  # is computed once (MMLU 5-shot: 27% fewer tokens)
+        mine = shard_of(mine, ctx.shard)  # a contiguous run of that order: a part keeps its prefixes' sharing
+        todo = [p for p in mine if not _fresh(have.get(p.item.id), p, task, ecfg.max_new_tokens)]
+        label = f"{model.name} · {spec.key}" + (f" {ctx.shard[0] + 1}/{ctx.shard[1]}" if ctx.shard else "")
+        bar = progress.add_task(label, total=len(mine), completed=len(mine) - len(todo))
+        step = items_per_call(task.kind, ecfg.batch_size)
         scorer = lazy.scorer() if todo else None  # loaded before the clock starts: load time is not task time
         if lazy.loaded is not None:
             yield lazy.loaded
@@ -213,6 +215,8 @@ def evaluate_model(ctx: Job) -> Iterator[Record]:
             failpoint("evaluate-mid")  # tests kill here: the batch is stored, the rest is not
             have.update((r.item_id, r) for r in recs)
             progress.advance(bar, len(chunk))
+        if ctx.shard is not None:  # a part: its items are stored; the task's figures come with the last part
+            continue
         timing = []
         if todo:  # wall time of this run's scoring (s); a resumed run times only what it scored
             timing = [Metric(f"time.eval.{spec.key}", time.perf_counter() - t0,
@@ -227,6 +231,14 @@ def evaluate_model(ctx: Job) -> Iterator[Record]:
         if lazy.loaded is not None:
             yield lazy.loaded
             lazy.loaded = None
+
+
+def shard_of(prompts: list[Prompt], shard: tuple[int, int] | None) -> list[Prompt]:
+    """Part i of n: the i-th of n contiguous, near-equal runs of `prompts` (all of them for None)."""
+    if shard is None:
+        return prompts
+    i, n = shard
+    return prompts[len(prompts) * i // n:len(prompts) * (i + 1) // n]
 
 
 def task_metrics(ctx: Job, task: Task, spec: TaskSpec, records: list[st.ItemRecord]) -> list[Metric]:

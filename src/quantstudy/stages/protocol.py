@@ -68,6 +68,9 @@ class Job:
     out_dir: Path | None = None  # resolve/train/quantize: where the made model goes
     stored: dict[str, dict[str, ItemRecord]] = field(default_factory=dict)  # evaluate: task key -> item id -> stored
     tasks: list[str] | None = None  # evaluate: only these task entries (keys); None = all of them
+    # evaluate: part i of n of each task's prompt-sorted items, scored but not aggregated (a cluster
+    # splits a big task over workers; the driver aggregates once every part is stored); None = all
+    shard: tuple[int, int] | None = None
     debug: bool = False
     progress: Any = field(default_factory=QuietProgress)  # add_task/advance/update (runtime.progress.make_progress)
 
