@@ -16,6 +16,7 @@ from quantstudy.errors import QuantStudyError
 from quantstudy.scoring.fastscore import FastScorer
 from quantstudy.runtime.modeldir import load_pretrained
 from quantstudy.stages.quantize import check_group_size, linear_shapes, run_oneshot
+from quantstudy.data.calibration import pack_rows
 from quantstudy.config.schemes import activation_handling, bits_per_weight, prepare_loaded
 from quantstudy.study import key_of
 from quantstudy.config.variants import expand_variants
@@ -96,7 +97,10 @@ def quantize(tiny: Path, out: Path, entry: dict) -> tuple[Path, torch.nn.Module,
 
     v = expand_variants(cfg(entry))[0]
     model, tok = load_pretrained(tiny)
-    rows, _ = run_oneshot(model, tok, v, None if v.calibration is None else calib_dataset(tok), 64, out)
+    ds = None if v.calibration is None else calib_dataset(tok)
+    if v.method.value == "autoround":  # rows of one length, as the quantize stage gives AutoRound
+        ds = pack_rows(ds, 32)
+    rows, _ = run_oneshot(model, tok, v, ds, 64, out)
     return out, model.eval(), rows
 
 
@@ -231,7 +235,7 @@ def test_autoround_tunes_against_the_layers_own_output(tiny96, tmp_path, monkeyp
     v = expand_variants(cfg({"method": "autoround", "scheme": "W4A16", "group_size": 32,
                              "autoround": {"iters": 1, "batch_size": 4}}))[0]
     model, tok = load_pretrained(tiny96)
-    ds = calib_dataset(tok)
+    ds = pack_rows(calib_dataset(tok), 32)
     with torch.no_grad():
         want = [model(torch.tensor([ids]), output_hidden_states=True).hidden_states[1] for ids in ds["input_ids"]]
     refs: list[list[torch.Tensor]] = []
@@ -244,9 +248,9 @@ def test_autoround_tunes_against_the_layers_own_output(tiny96, tmp_path, monkeyp
 
     monkeypatch.setattr(composer.AlgorithmComposer, "compress_block", spy)
     run_oneshot(model, tok, v, ds, 64, tmp_path / "ar")
-    got = refs[0]  # block 0: one [1, padded length, hidden] tensor per sample, in llm-compressor's order
-    for w in want:  # each sample's reference is its own layer-0 output (pad positions beyond its length)
-        err = min((g[:, :w.shape[1]] - w).norm() / w.norm() for g in got if g.shape[1] >= w.shape[1])
+    got = refs[0]  # block 0: one [1, 32, hidden] tensor per row, in llm-compressor's order
+    for w in want:  # each row's reference is its own layer-0 output
+        err = min((g - w).norm() / w.norm() for g in got)
         assert err < 1e-5
 
 
@@ -343,3 +347,38 @@ def test_a_group_size_applies_to_the_schemes_of_a_list_that_take_one():
     with pytest.raises((QuantStudyError, ValueError), match="remove `group_size`"):
         parse_config({"name": "t", "model": {"source": "x"},
                       "quantize": [{"method": "gptq", "scheme": "W8A8", "group_size": 64}]})
+
+
+# --------------------------------------------------------------------------- AutoRound's rows
+def _ragged(ds):
+    """Rows of different lengths (row i: 20 + 5i tokens), as rendered conversations are."""
+    from datasets import Dataset
+
+    return Dataset.from_dict({k: [r[:20 + 5 * i] for i, r in enumerate(ds[k])] for k in ("input_ids", "attention_mask")})
+
+
+def test_autoround_calibrates_on_packed_rows_of_one_length(tiny96):
+    """llm-compressor 0.14 pads rows of different lengths into AutoRound's loss (see pack_rows): the
+    rows AutoRound gets are the calibration tokens end to end, cut into rows of exactly max_seq_len."""
+    from tests.test_quantize import calib_dataset
+
+    _, tok = load_pretrained(tiny96)
+    ds = _ragged(calib_dataset(tok))
+    assert len({len(r) for r in ds["input_ids"]}) > 1
+    packed = pack_rows(ds, 20)
+    flat = [t for r in ds["input_ids"] for t in r]
+    assert {len(r) for r in packed["input_ids"]} == {20} and len(packed) == len(flat) // 20
+    assert [t for r in packed["input_ids"] for t in r] == flat[:len(packed) * 20]  # in order, only the tail dropped
+    assert all(m == [1] * 20 for m in packed["attention_mask"])
+    with pytest.raises(QuantStudyError, match="calibration.max_seq_len"):
+        pack_rows(ds, len(flat) + 1)
+
+
+def test_autoround_refuses_rows_of_different_lengths(tiny96, tmp_path):
+    from tests.test_quantize import calib_dataset
+
+    v = expand_variants(cfg({"method": "autoround", "scheme": "W4A16", "group_size": 32,
+                             "autoround": {"iters": 1, "batch_size": 4}}))[0]
+    model, tok = load_pretrained(tiny96)
+    with pytest.raises(QuantStudyError, match="different lengths"):
+        run_oneshot(model, tok, v, _ragged(calib_dataset(tok)), 64, tmp_path / "ar")

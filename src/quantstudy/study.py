@@ -79,7 +79,8 @@ def plan(ctx: RunContext) -> list[Step]:
         for v in variants:
             name = v.name if root == BASE else f"{TRAINED}-{v.name}"
             steps.append(Step("quantize", name, key_of("quantize", root_key, v, *stage("quantize").key_inputs(cfg),
-                                                       versions, *tpl), parents=[root]))
+                                                       versions, *tpl, *stage("quantize").variant_key_inputs(v)),
+                              parents=[root]))
     model_keys = {s.model: s.key for s in steps}
     parent_of = {s.model: s.parents[0] for s in steps if s.parents}
     for name, mkey in list(model_keys.items()):

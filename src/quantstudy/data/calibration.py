@@ -77,10 +77,35 @@ def build_calibration(calib: CalibrationConfig, tokenizer: Any, data_dir: Path |
                           hashes=[hashlib.sha256(t.encode()).hexdigest() for t in texts], texts=texts)
 
 
-def tokenize(cs: CalibrationSet, tokenizer: Any, max_seq_len: int) -> Any:
-    """-> datasets.Dataset with input_ids/attention_mask, one row per sample (<= max_seq_len tokens)."""
+def tokenize(cs: CalibrationSet, tokenizer: Any, max_seq_len: int | None) -> Any:
+    """-> datasets.Dataset with input_ids/attention_mask, one row per sample (<= max_seq_len tokens; None: whole)."""
     from datasets import Dataset
 
     # The rendered chat template already carries the special tokens it needs.
-    enc = tokenizer(cs.texts, truncation=True, max_length=max_seq_len, add_special_tokens=False)
+    enc = tokenizer(cs.texts, truncation=max_seq_len is not None, max_length=max_seq_len, add_special_tokens=False)
     return Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+
+
+def pack_rows(dataset: Any, max_seq_len: int) -> Any:
+    """The calibration tokens end to end, cut into rows of exactly `max_seq_len` (the tail that does not
+    fill a row is dropped): what AutoRound calibrates on. Each sample keeps its own special tokens, so a
+    row may hold the end of one conversation and the start of the next (as in GPTQ's concatenated
+    calibration text).
+
+    Why AutoRound needs rows of one length: llm-compressor 0.14 right-pads rows of different lengths
+    and hands auto-round 0.15 the padding as `AutoRound.attention_mask`, an attribute auto-round 0.15
+    no longer reads (its loss mask now comes from raw token ids, which llm-compressor's
+    `quantize_block` call does not pass). Pad positions then count in every block's loss, and the
+    propagated quantized inputs there are not the zeros of the float side: on SmolLM2-135M (16
+    ShareGPT rows of 40-128 tokens, 10 steps) block 2's loss started at 1,806 (47 with equal rows)
+    and the model's WikiText perplexity was 4,380 (RTN: 31.3). Packed rows have no padding. Remove
+    when llm-compressor passes the loss mask auto-round reads."""
+    from datasets import Dataset
+
+    flat = [t for ids in dataset["input_ids"] for t in ids]
+    rows = [flat[i:i + max_seq_len] for i in range(0, len(flat) - max_seq_len + 1, max_seq_len)]
+    if not rows:
+        raise QuantStudyError(f"AutoRound calibrates on rows of exactly max_seq_len tokens, and the samples hold "
+                              f"only {len(flat)} tokens", field="calibration.max_seq_len", value=max_seq_len,
+                              fix=f"use more samples or a max_seq_len of at most {len(flat)}")
+    return Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * max_seq_len for _ in rows]})

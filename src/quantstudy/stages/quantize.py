@@ -121,6 +121,9 @@ def run_oneshot(model: Any, tokenizer: Any, v: Variant, dataset: Any | None, max
 
     report = report or LayerReport()
     kwargs: dict[str, Any] = {}
+    if dataset is not None and v.method == Method.autoround and len({len(r) for r in dataset["input_ids"]}) > 1:
+        raise QuantStudyError(f"variant {v.name}: AutoRound got calibration rows of different lengths, which "
+                              "llm-compressor pads into its loss", fix="pass data.calibration.pack_rows(...)")
     if dataset is not None:
         kwargs = dict(dataset=dataset, num_calibration_samples=len(dataset), max_seq_length=max_seq_len,
                       shuffle_calibration_samples=False)  # our sampler already fixed the order
@@ -160,7 +163,7 @@ def variant_spec(v: Variant) -> dict[str, Any]:
 
 def quantize_model(ctx: Job) -> Iterator[Record]:
     """Quantize `ctx.model` with variant `ctx.variant` into `ctx.out_dir`; yields notes, then the made model."""
-    from quantstudy.data.calibration import build_calibration, tokenize
+    from quantstudy.data.calibration import build_calibration, pack_rows, tokenize
     from quantstudy.runtime.modeldir import load_pretrained, weights_hash, weights_size
     from quantstudy.runtime.resources import track_peak_memory
 
@@ -179,8 +182,12 @@ def quantize_model(ctx: Job) -> Iterator[Record]:
             calib = build_calibration(v.calibration, tok, ctx.data_dir, ctx.config_dir, train_pool,
                                       ctx.cfg.model.chat_template_kwargs)
             dataset = tokenize(calib, tok, v.calibration.max_seq_len)
-            yield Note(f"  calibration: {len(calib.ids)} {v.calibration.source.value} samples, "
-                       f"<= {v.calibration.max_seq_len} tokens each, seed {v.calibration.seed}")
+            rows = f"<= {v.calibration.max_seq_len} tokens each"
+            if v.method == Method.autoround:  # rows of one length: see pack_rows
+                dataset = pack_rows(tokenize(calib, tok, None), v.calibration.max_seq_len)
+                rows = f"packed into {len(dataset)} rows of {v.calibration.max_seq_len} tokens"
+            yield Note(f"  calibration: {len(calib.ids)} {v.calibration.source.value} samples, {rows}, "
+                       f"seed {v.calibration.seed}")
         report = LayerReport()
         rows, seconds = run_oneshot(model, tok, v, dataset,
                                     v.calibration.max_seq_len if v.calibration else 0, out_dir, report)
@@ -223,6 +230,11 @@ class Stage:
 
     def key_inputs(self, cfg: StudyConfig) -> tuple[object, ...]:
         return ()  # the variant itself joins the key (study.plan): one stage per variant
+
+    def variant_key_inputs(self, v: Variant) -> tuple[object, ...]:
+        """What else makes one variant's model: AutoRound's packed calibration rows (#22), so AutoRound
+        models made before them (broken by padding) are made again, and no other variant's."""
+        return ("autoround: packed calibration rows",) if v.method == Method.autoround else ()
 
     def run(self, job: Job) -> Iterator[Record]:
         return quantize_model(job)
