@@ -6,6 +6,7 @@ for a (fake) GPU runs on the node that has one."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -88,6 +89,9 @@ def test_cluster_run_equals_in_process_run_even_with_a_killed_worker(tmp_path, s
             "evaluate-rtn-w4g32-wikitext.log"} <= logs
     a, b = _content(local), _content(remote)
     assert a == b  # the parts' items and the figures aggregated from them equal the whole task's
+    db = sqlite3.connect(tmp_path / "out-remote" / "store.sqlite")
+    cut = [json.loads(i) for (i,) in db.execute("SELECT info FROM metrics WHERE name='time.eval.arc_easy'")]
+    assert len(cut) == 3 and all(c["parts"] == 2 and c["items_scored"] == 8 for c in cut)  # the parts' times, summed
     assert len(a["done"]) == 1 + 2 + 3 + 2  # resolve, 2 quantize, 3 evaluate, 2 fidelity
     db = sqlite3.connect(tmp_path / "out-remote" / "store.sqlite")
     infos = [i for (i,) in db.execute("SELECT info FROM stages WHERE stage='quantize'")]
@@ -124,8 +128,6 @@ def test_a_stage_no_node_can_run_is_refused_at_start(tmp_path, shared_data, clus
 
 
 def _info(study_out: Path, stage: str) -> list[dict]:
-    import json
-
     db = sqlite3.connect(study_out / "store.sqlite")
     return [json.loads(i) for (i,) in db.execute("SELECT info FROM stages WHERE stage=? AND status='done'", (stage,))]
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from quantstudy.errors import QuantStudyError
-from quantstudy.records import ItemBatch, MadeModel, Metrics, Note, Provenance, Record
+from quantstudy.records import ItemBatch, MadeModel, Metric, Metrics, Note, Provenance, Record
 from quantstudy.runtime.cluster_plan import MAKE, alive, check_resources, evaluate_parts, slots
 from quantstudy.runtime.faults import failpoint
 
@@ -125,6 +125,8 @@ def execute_ray(ctx: Any, steps: list[Any], wanted: Callable[[Any], bool], addre
     made: dict[int, str] = {}  # id(step) -> path of the model it made
     where: dict[int, dict] = {}  # id(step) -> node, hardware, versions it ran with
     shares: dict[int, int] = {}  # id(step) -> its tasks still running
+    cut: dict[Any, bool] = {}  # streaming generator -> it scores a part of a task (evaluate_parts)
+    spent: dict[tuple[int, str], list[Metric]] = {}  # (id(step), time.eval.<task>) -> the parts' times
 
     def label(s: Any) -> str:
         return f"{s.stage} {s.model}"
@@ -176,7 +178,8 @@ def execute_ray(ctx: Any, steps: list[Any], wanted: Callable[[Any], bool], addre
             for part in mine:
                 one = replace(job, tasks=[part[0]], shard=part[1]) if part else job
                 log = ctx.study_dir / "logs" / f"{s.stage}-{s.model}{_suffix(part)}.log"
-                running[ray.remote(_worker).options(**opts).remote(one, versions, res.num_cpus, str(log))] = s
+                gen = ray.remote(_worker).options(**opts).remote(one, versions, res.num_cpus, str(log))
+                running[gen], cut[gen] = s, bool(part and part[1])
         if not running:
             if todo:  # nothing can start: a resource no node has would hang here
                 raise QuantStudyError(f"no stage can start ({', '.join(label(s) for s in todo)})",
@@ -198,7 +201,8 @@ def execute_ray(ctx: Any, steps: list[Any], wanted: Callable[[Any], bool], addre
                 shares[id(s)] -= 1
                 if shares[id(s)] == 0 and label(s) not in failed:  # its last task ended
                     if s.stage == "evaluate" and any(p[1] for p in parts):  # the cut tasks' figures, from
-                        aggregate(ctx, s, [p[0] for p in parts if p[1]])   # all their stored items
+                        aggregate(ctx, s, [p[0] for p in parts if p[1]],   # all their stored items
+                                  {n: ms for (i, n), ms in spent.items() if i == id(s)})
                     s.seconds = time.perf_counter() - t0[id(s)]
                     on_done(s, made.get(id(s)), where.get(id(s), {}))
                     ndone += 1
@@ -215,6 +219,9 @@ def execute_ray(ctx: Any, steps: list[Any], wanted: Callable[[Any], bool], addre
                 ctx.console.print(rec.text, highlight=False, soft_wrap=True)
             elif isinstance(rec, Provenance):
                 where[id(s)] = {"node": rec.node, "hardware": rec.hardware, "versions": rec.versions}
+            elif isinstance(rec, Metrics) and cut[gen]:  # a part's scoring time: summed when the task is whole
+                for m in rec.metrics:
+                    spent.setdefault((id(s), m.name), []).append(m)
             else:
                 ctx.store.write(rec, s.key)
                 if isinstance(rec, ItemBatch):
@@ -232,12 +239,20 @@ def _suffix(part: Any) -> str:
     return f"-{part[0]}" + (f"-{part[1][0] + 1}of{part[1][1]}" if part[1] else "")
 
 
-def aggregate(ctx: Any, step: Any, keys: list[str]) -> None:
+def aggregate(ctx: Any, step: Any, keys: list[str], times: dict[str, list[Metric]]) -> None:
     """A task cut into parts: once every part is stored, the evaluate stage runs here over the stored
-    items (all fresh, so no model is loaded) and yields the task's figures, which the driver writes."""
+    items (all fresh, so no model is loaded) and yields the task's figures, which the driver writes.
+    The task's scoring time is the sum of its parts' (the work, as an in-process run would time it;
+    the parts ran on several workers at once, so it is not the wall time)."""
     from quantstudy.study import job_for, stage
 
     job = replace(job_for(ctx, step), tasks=sorted(set(keys)))
     for rec in stage(job.stage).run(job):
         if isinstance(rec, (Metrics, ItemBatch)):  # ItemBatch only if a part's items went missing
             ctx.store.write(rec, step.key)
+    summed = [Metric(name, sum(m.value for m in ms),
+                     {"items_scored": sum(m.info.get("items_scored", 0) for m in ms), "items": ms[0].info.get("items"),
+                      "parts": len(ms), "what": "sum of the parts' scoring times (they ran in parallel)"})
+              for name, ms in times.items()]
+    if summed:
+        ctx.store.write(Metrics(step.model, summed), step.key)

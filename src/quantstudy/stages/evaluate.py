@@ -215,12 +215,14 @@ def evaluate_model(ctx: Job) -> Iterator[Record]:
             failpoint("evaluate-mid")  # tests kill here: the batch is stored, the rest is not
             have.update((r.item_id, r) for r in recs)
             progress.advance(bar, len(chunk))
-        if ctx.shard is not None:  # a part: its items are stored; the task's figures come with the last part
-            continue
         timing = []
         if todo:  # wall time of this run's scoring (s); a resumed run times only what it scored
             timing = [Metric(f"time.eval.{spec.key}", time.perf_counter() - t0,
                              {"items_scored": len(todo), "items": len(prompts)})]
+        if ctx.shard is not None:  # a part: its items are stored; the task's figures come once all parts are
+            if timing:
+                yield Metrics(model.name, timing)
+            continue
         yield Metrics(model.name, timing + task_metrics(ctx, task, spec, [have[p.item.id] for p in prompts]))
     for lspec in ecfg.lmeval_specs():  # lm-eval registry / user YAML tasks (#20)
         if ctx.tasks is not None and lspec.key not in ctx.tasks:
