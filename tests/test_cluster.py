@@ -93,7 +93,6 @@ def test_cluster_run_equals_in_process_run_even_with_a_killed_worker(tmp_path, s
     cut = [json.loads(i) for (i,) in db.execute("SELECT info FROM metrics WHERE name='time.eval.arc_easy'")]
     assert len(cut) == 3 and all(c["parts"] == 2 and c["items_scored"] == 8 for c in cut)  # the parts' times, summed
     assert len(a["done"]) == 1 + 2 + 3 + 2  # resolve, 2 quantize, 3 evaluate, 2 fidelity
-    db = sqlite3.connect(tmp_path / "out-remote" / "store.sqlite")
     infos = [i for (i,) in db.execute("SELECT info FROM stages WHERE stage='quantize'")]
     assert all('"node"' in i and '"versions"' in i for i in infos)  # where each result was computed
     assert not list((tmp_path / "out-remote" / "models").glob("*.tmp"))  # the killed attempt's folder is gone

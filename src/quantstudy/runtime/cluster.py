@@ -115,9 +115,10 @@ def execute_ray(ctx: Any, steps: list[Any], wanted: Callable[[Any], bool], addre
     check_shared(ray, shared / "models")
     versions = environment.versions()
     todo = [s for s in steps if wanted(s) and not is_done(ctx, s)]
-    check_resources(alive(ray), ccfg, {s.stage for s in todo})
+    nodes = alive(ray)
+    check_resources(nodes, ccfg, {s.stage for s in todo})
     n_eval = sum(s.stage == "evaluate" for s in todo)
-    parts = evaluate_parts(ctx.cfg, ctx.data_dir, n_eval, slots(alive(ray), ccfg.evaluate)) if n_eval else []
+    parts = evaluate_parts(ctx.cfg, ctx.data_dir, n_eval, slots(nodes, ccfg.evaluate)) if n_eval else []
     maker = {s.model: s for s in steps if s.stage in MAKE}
     running: dict[Any, Any] = {}  # streaming generator -> step
     failed: dict[str, str] = {}  # step label -> why
@@ -126,7 +127,7 @@ def execute_ray(ctx: Any, steps: list[Any], wanted: Callable[[Any], bool], addre
     where: dict[int, dict] = {}  # id(step) -> node, hardware, versions it ran with
     shares: dict[int, int] = {}  # id(step) -> its tasks still running
     cut: dict[Any, bool] = {}  # streaming generator -> it scores a part of a task (evaluate_parts)
-    spent: dict[tuple[int, str], list[Metric]] = {}  # (id(step), time.eval.<task>) -> the parts' times
+    spent: dict[int, dict[str, list[Metric]]] = {}  # id(step) -> time.eval.<task> -> the parts' times
 
     def label(s: Any) -> str:
         return f"{s.stage} {s.model}"
@@ -201,8 +202,7 @@ def execute_ray(ctx: Any, steps: list[Any], wanted: Callable[[Any], bool], addre
                 shares[id(s)] -= 1
                 if shares[id(s)] == 0 and label(s) not in failed:  # its last task ended
                     if s.stage == "evaluate" and any(p[1] for p in parts):  # the cut tasks' figures, from
-                        aggregate(ctx, s, [p[0] for p in parts if p[1]],   # all their stored items
-                                  {n: ms for (i, n), ms in spent.items() if i == id(s)})
+                        aggregate(ctx, s, [p[0] for p in parts if p[1]], spent.pop(id(s), {}))  # all their items
                     s.seconds = time.perf_counter() - t0[id(s)]
                     on_done(s, made.get(id(s)), where.get(id(s), {}))
                     ndone += 1
@@ -221,7 +221,7 @@ def execute_ray(ctx: Any, steps: list[Any], wanted: Callable[[Any], bool], addre
                 where[id(s)] = {"node": rec.node, "hardware": rec.hardware, "versions": rec.versions}
             elif isinstance(rec, Metrics) and cut[gen]:  # a part's scoring time: summed when the task is whole
                 for m in rec.metrics:
-                    spent.setdefault((id(s), m.name), []).append(m)
+                    spent.setdefault(id(s), {}).setdefault(m.name, []).append(m)
             else:
                 ctx.store.write(rec, s.key)
                 if isinstance(rec, ItemBatch):

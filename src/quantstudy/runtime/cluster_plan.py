@@ -15,6 +15,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from quantstudy.errors import QuantStudyError
+
 MAKE = ("resolve", "train", "quantize")
 
 
@@ -32,8 +34,6 @@ def alive(ray: Any) -> list[dict[str, float]]:
 
 def check_resources(nodes: list[dict[str, float]], ccfg: Any, stages: set[str]) -> None:
     """Each stage kind must fit on some live node, or it would wait forever: say so now instead."""
-    from quantstudy.errors import QuantStudyError
-
     for name in sorted(stages):
         need = needs(getattr(ccfg, name))
         if not any(all(node.get(k, 0) >= v for k, v in need.items()) for node in nodes):

@@ -181,11 +181,12 @@ def quantize_model(ctx: Job) -> Iterator[Record]:
                 train_pool = plan_samples(ctx.cfg, ctx.data_dir, ctx.config_dir)[0]  # the samples the model was trained on
             calib = build_calibration(v.calibration, tok, ctx.data_dir, ctx.config_dir, train_pool,
                                       ctx.cfg.model.chat_template_kwargs)
-            dataset = tokenize(calib, tok, v.calibration.max_seq_len)
-            rows = f"<= {v.calibration.max_seq_len} tokens each"
             if v.method == Method.autoround:  # rows of one length: see pack_rows
                 dataset = pack_rows(tokenize(calib, tok, None), v.calibration.max_seq_len)
                 rows = f"packed into {len(dataset)} rows of {v.calibration.max_seq_len} tokens"
+            else:
+                dataset = tokenize(calib, tok, v.calibration.max_seq_len)
+                rows = f"<= {v.calibration.max_seq_len} tokens each"
             yield Note(f"  calibration: {len(calib.ids)} {v.calibration.source.value} samples, {rows}, "
                        f"seed {v.calibration.seed}")
         report = LayerReport()
